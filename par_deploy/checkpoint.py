@@ -1,0 +1,102 @@
+"""Self-describing checkpoints (LeRobot's save_pretrained/from_pretrained layout).
+
+A checkpoint is a directory::
+
+    config.json          PARConfig with a type tag and format version
+    model.safetensors    the weights (EMA weights when training used EMA)
+    normalization.json   action/state normalisation statistics
+
+Loading checks every file and every tensor against the config and says which file or tensor is wrong,
+what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from par_deploy.config import PARConfig
+from par_deploy.errors import CheckpointError, ConfigError
+from par_deploy.model.par import PARModel
+from par_deploy.normalize import Normalizer
+
+CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "normalization.json"
+
+
+def save_pretrained(model: PARModel, normalizer: Normalizer, path: str | Path,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint directory. ``state_dict`` overrides the model's (e.g. EMA weights)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    tmp = path / (WEIGHTS_FILE + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "par", "config_sha256": _sha256(model.cfg)})
+    tmp.replace(path / WEIGHTS_FILE)
+    model.cfg.save(path / CONFIG_FILE)
+    normalizer.save(path / NORM_FILE)
+    return path
+
+
+def _sha256(cfg: PARConfig) -> str:
+    return hashlib.sha256(str(sorted(cfg.to_dict().items())).encode()).hexdigest()
+
+
+def load_state_dict_checked(model: PARModel, sd: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the config: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(
+                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
+            )
+        if v.dtype != expected[k].dtype:
+            raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {expected[k].dtype}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: tensor {k!r} contains NaN or infinite values")
+    model.load_state_dict(sd, strict=True)
+
+
+def from_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[PARModel, Normalizer]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_FILE}, {WEIGHTS_FILE}, {NORM_FILE})")
+    try:
+        cfg = PARConfig.load(path / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing weights file")
+    try:
+        sd = load_file(str(weights), device=map_location)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    normalizer = Normalizer.load(path / NORM_FILE)
+    if normalizer.action_dim != cfg.action_dim or normalizer.state_dim != cfg.state_dim:
+        raise CheckpointError(
+            f"{path / NORM_FILE}: statistics for action_dim={normalizer.action_dim}, state_dim={normalizer.state_dim}; "
+            f"config has action_dim={cfg.action_dim}, state_dim={cfg.state_dim}"
+        )
+    model = PARModel(cfg)
+    load_state_dict_checked(model, sd, str(weights))
+    return model.eval(), normalizer
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 over config, weights and statistics: identifies the checkpoint an engine was built from."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE, NORM_FILE):
+        h.update(name.encode())
+        h.update((Path(path) / name).read_bytes())
+    return h.hexdigest()

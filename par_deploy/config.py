@@ -1,0 +1,241 @@
+"""Model configuration: one dataclass, validated on construction, saved as ``config.json``.
+
+Presets:
+- ``tiny``: a few thousand parameters; the tests run it in seconds.
+- ``cpu-small``: the shipped default, trainable on 2 CPU cores (64x64 RGB, d=256, 6 layers).
+- ``paper``: the NOVA d48w1024 family the paper builds on (Table 1). NOVA's ``arch`` is
+  ``[vit_d16w1024, vit_d32w1024, mlp_d3w1280]``: a 16-layer temporal (causal) transformer, a 32-layer
+  spatial transformer for set-by-set frame prediction and a 3-block, 1280-wide diffusion MLP. We count the
+  two transformers as the paper's "Causal-Transformer" (608.7M) and the diffusion MLP as its
+  "Frame-DeTokenizer" (32.8M); see ``PARModel.parameter_groups``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from par_deploy.errors import ConfigError
+
+CONFIG_TYPE = "par"
+CONFIG_FORMAT_VERSION = 1
+
+VARIANTS = ("full", "noar", "discrete")
+CODECS = ("patch", "vae")
+SAMPLERS = ("ddim", "ddpm")
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
+
+
+@dataclass
+class PARConfig:
+    # --- embodiment and data -------------------------------------------------------------------
+    image_size: int = 64  # square RGB frames, per camera
+    num_cameras: int = 1
+    action_dim: int = 4  # pd_ee_delta_pos: xyz delta + gripper
+    state_dim: int = 0  # embodiment/task state per step (0: no state token)
+    chunk_len: int = 8  # L: actions per chunk = action tokens per block
+    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode
+
+    # --- text prefix ---------------------------------------------------------------------------
+    instructions: tuple[str, ...] = ("push the cube to the goal region",)
+    num_text_tokens: int = 4  # K_t
+    text_encoder_path: str | None = None  # local Hugging Face model: frozen encoder + linear projector
+    text_encoder_dim: int = 0  # hidden size of that encoder (checked when it is loaded)
+
+    # --- frame codec ---------------------------------------------------------------------------
+    codec: str = "patch"  # "patch": pixel patches, no weights; "vae": diffusers AutoencoderKL
+    patch_size: int = 16  # pixels per patch side (codec "patch") or latent cells (codec "vae")
+    vae_path: str | None = None
+    vae_latent_channels: int = 4
+    vae_downsample: int = 8
+
+    # --- causal transformer (NOVA's temporal "video encoder") ------------------------------------
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    rope_theta_frame: float = 100.0  # frame/state tokens: position = block index n
+    rope_theta_action: float = 10000.0  # action tokens: position = n * L + j (action rate)
+
+    # --- frame de-tokenizer (NOVA's spatial "image encoder" + diffusion MLP) ---------------------
+    spatial_depth: int = 2
+    frame_head_width: int = 256
+    frame_head_depth: int = 2
+    frame_mask_min: float = 0.7  # training mask ratio ~ U[frame_mask_min, 1]
+    frame_decode_sets: int = 4  # set-by-set prediction at inference
+
+    # --- Action-DiT ----------------------------------------------------------------------------
+    dit_dim: int = 256
+    dit_depth: int = 3
+    dit_heads: int = 4
+    action_tokenizer_hidden: int = 256
+
+    # --- diffusion -----------------------------------------------------------------------------
+    train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    diffusion_batch_mul: int = 4  # t sampled this many times per token (MAR/NOVA)
+    sampler: str = "ddim"  # default inference sampler of the PyTorch reference
+    sample_steps: int = 10  # default inference steps of the PyTorch reference
+    frame_loss_weight: float = 1.0
+    action_loss_weight: float = 1.0
+
+    # --- ablations (paper §5.3) ------------------------------------------------------------------
+    variant: str = "full"  # "noar": no transformer; "discrete": MLP regression de-tokenizers
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (task, control mode, ...)
+
+    def __post_init__(self) -> None:
+        self.instructions = tuple(self.instructions)
+        positive = [
+            "image_size", "num_cameras", "action_dim", "chunk_len", "max_blocks", "num_text_tokens",
+            "patch_size", "dim", "depth", "heads", "spatial_depth", "frame_head_width", "frame_head_depth",
+            "frame_decode_sets", "dit_dim", "dit_depth", "dit_heads", "action_tokenizer_hidden",
+            "train_timesteps", "diffusion_batch_mul", "sample_steps",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
+        if self.state_dim < 0:
+            raise ConfigError(f"config.state_dim must be >= 0, got {self.state_dim}")
+        if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
+            raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
+        for name, allowed in (("variant", VARIANTS), ("codec", CODECS), ("sampler", SAMPLERS),
+                              ("beta_schedule", BETA_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ConfigError(f"config.dim={self.dim} must split into {self.heads} heads of even size")
+        if self.dit_dim % self.dit_heads:
+            raise ConfigError(f"config.dit_dim={self.dit_dim} must be divisible by dit_heads={self.dit_heads}")
+        if self.latent_size % self.patch_size:
+            raise ConfigError(
+                f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
+                f"{self.latent_size} (image_size={self.image_size})"
+            )
+        if self.codec == "vae" and self.image_size % self.vae_downsample:
+            raise ConfigError(f"image_size={self.image_size} must be divisible by vae_downsample")
+        if not 0.0 < self.frame_mask_min <= 1.0:
+            raise ConfigError(f"config.frame_mask_min must be in (0, 1], got {self.frame_mask_min}")
+        if self.sample_steps > self.train_timesteps:
+            raise ConfigError("config.sample_steps cannot exceed train_timesteps")
+        if self.text_encoder_path is not None and self.text_encoder_dim <= 0:
+            raise ConfigError("config.text_encoder_dim must be set when text_encoder_path is set")
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def latent_size(self) -> int:
+        """Spatial side of the codec's output grid (pixels or VAE latent cells)."""
+        return self.image_size if self.codec == "patch" else self.image_size // self.vae_downsample
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 if self.codec == "patch" else self.vae_latent_channels
+
+    @property
+    def frame_tokens(self) -> int:
+        """K_o: frame tokens per block (all cameras)."""
+        return self.num_cameras * (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def frame_token_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def state_tokens(self) -> int:
+        return 1 if self.state_dim > 0 else 0
+
+    @property
+    def obs_tokens(self) -> int:
+        """Observation part of a block: frame tokens then the state token."""
+        return self.frame_tokens + self.state_tokens
+
+    @property
+    def block_len(self) -> int:
+        return self.obs_tokens + self.chunk_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.num_text_tokens + self.max_blocks * self.block_len
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["instructions"] = list(self.instructions)
+        return {"type": CONFIG_TYPE, "format_version": CONFIG_FORMAT_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> PARConfig:
+        d = dict(d)
+        kind = d.pop("type", None)
+        version = d.pop("format_version", None)
+        if kind != CONFIG_TYPE:
+            raise ConfigError(f"{source}: expected type {CONFIG_TYPE!r}, found {kind!r}")
+        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+            raise ConfigError(
+                f"{source}: format_version {version!r} is newer than this par-deploy supports "
+                f"({CONFIG_FORMAT_VERSION}); upgrade par-deploy"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown config fields {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PARConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: missing config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, source=str(path))
+
+    def replace(self, **changes: Any) -> PARConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _tiny() -> PARConfig:
+    return PARConfig(
+        image_size=16, patch_size=8, action_dim=4, state_dim=3, chunk_len=4, max_blocks=8, num_text_tokens=2,
+        dim=32, depth=2, heads=2, spatial_depth=1, frame_head_width=32, frame_head_depth=1,
+        dit_dim=32, dit_depth=1, dit_heads=2, action_tokenizer_hidden=32, train_timesteps=50,
+        sample_steps=4, frame_decode_sets=2,
+    )
+
+
+def _cpu_small() -> PARConfig:
+    return PARConfig()
+
+
+def _paper() -> PARConfig:
+    # NOVA d48w1024 on Open-Sora VAE latents (4 channels, 8x down, patch 2) and Phi-2 text features (2560-d).
+    # Point vae_path / text_encoder_path at local copies of those weights to build it for real.
+    return PARConfig(
+        vae_path=None, text_encoder_path="phi-2", text_encoder_dim=2560,
+        image_size=256, codec="vae", vae_latent_channels=4, vae_downsample=8, patch_size=2,
+        action_dim=7, state_dim=9, chunk_len=16, max_blocks=16, num_text_tokens=256,
+        dim=1024, depth=16, heads=16, spatial_depth=32, frame_head_width=1280, frame_head_depth=3,
+        dit_dim=512, dit_depth=3, dit_heads=8, action_tokenizer_hidden=576,
+        train_timesteps=1000, sample_steps=100,
+    )
+
+
+PRESETS = {"tiny": _tiny, "cpu-small": _cpu_small, "paper": _paper}
+
+
+def preset(name: str, **overrides: Any) -> PARConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg

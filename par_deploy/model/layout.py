@@ -1,0 +1,80 @@
+"""Token layout of a PAR sequence and the block-causal mask (paper Fig. 3, DESIGN §1).
+
+Sequence: ``[text (K_t)] P_0 P_1 ... P_{N-1}``; each block ``P_n = [frame tokens (K_o); state token (0/1);
+action tokens (L)]``. Rules, for a query q and a key k:
+
+- text: causal among text tokens; every block token sees all text; text never sees blocks.
+- earlier blocks: every token sees every token of every earlier block.
+- same block: observation (frame + state) tokens see each other (bidirectional) but not their block's
+  actions; action token j sees all observation tokens of its block and actions 0..j of its block.
+- later blocks: never visible.
+
+RoPE positions: text tokens sit at position 0 (identity rotation; they carry learned embeddings);
+observation tokens at the block index ``n`` with ``rope_theta_frame``; action token j at ``n * L + j``
+(the action rate is L times the frame rate) with ``rope_theta_action``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from par_deploy.config import PARConfig
+
+TEXT, OBS, ACT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TokenMeta:
+    kind: torch.Tensor  # int64 [T]: TEXT, OBS or ACT
+    block: torch.Tensor  # int64 [T]: block index, -1 for text
+    index: torch.Tensor  # int64 [T]: text index, or action index j within its chunk (0 for obs tokens)
+
+
+def block_meta(cfg: PARConfig, block: int = 0) -> TokenMeta:
+    Bl = cfg.block_len
+    kind = torch.tensor([OBS] * cfg.obs_tokens + [ACT] * cfg.chunk_len)
+    index = torch.tensor([0] * cfg.obs_tokens + list(range(cfg.chunk_len)))
+    return TokenMeta(kind, torch.full((Bl,), block), index)
+
+
+def sequence_meta(cfg: PARConfig, num_blocks: int) -> TokenMeta:
+    Kt = cfg.num_text_tokens
+    parts = [TokenMeta(torch.full((Kt,), TEXT), torch.full((Kt,), -1), torch.arange(Kt))]
+    parts += [block_meta(cfg, n) for n in range(num_blocks)]
+    return TokenMeta(*(torch.cat([getattr(p, f) for p in parts]) for f in ("kind", "block", "index")))
+
+
+def allowed(q: TokenMeta, k: TokenMeta) -> torch.Tensor:
+    """bool ``[Tq, Tk]``: may query i attend to key j. A direct transcription of the rules above."""
+    qk, kk = q.kind[:, None], k.kind[None, :]
+    qb, kb = q.block[:, None], k.block[None, :]
+    qi, ki = q.index[:, None], k.index[None, :]
+    text_text = (qk == TEXT) & (kk == TEXT) & (ki <= qi)
+    block_text = (qk != TEXT) & (kk == TEXT)
+    earlier = (qk != TEXT) & (kk != TEXT) & (kb < qb)
+    same = (qk != TEXT) & (kk != TEXT) & (kb == qb)
+    same_ok = same & (
+        ((qk == OBS) & (kk == OBS)) | ((qk == ACT) & (kk == OBS)) | ((qk == ACT) & (kk == ACT) & (ki <= qi))
+    )
+    return text_text | block_text | earlier | same_ok
+
+
+def sequence_mask(cfg: PARConfig, num_blocks: int) -> torch.Tensor:
+    meta = sequence_meta(cfg, num_blocks)
+    return allowed(meta, meta)
+
+
+def intra_block_mask(cfg: PARConfig) -> torch.Tensor:
+    meta = block_meta(cfg)
+    return allowed(meta, meta)
+
+
+def text_mask(cfg: PARConfig) -> torch.Tensor:
+    return torch.ones(cfg.num_text_tokens, cfg.num_text_tokens, dtype=torch.bool).tril()
+
+
+def block_slot(cfg: PARConfig, block: int) -> int:
+    """First cache slot of block ``block`` (the text prefix fills slots 0 .. K_t - 1)."""
+    return cfg.num_text_tokens + block * cfg.block_len

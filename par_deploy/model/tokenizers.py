@@ -1,0 +1,192 @@
+"""Tokenizers: text prefix, frame codec + frame embedding, state token, action tokens, BOA block.
+
+Frame codecs turn RGB frames into continuous frame tokens (the de-tokenizer's targets) and back:
+- ``PatchCodec`` (default, no weights): pixel patches scaled to [-1, 1].
+- ``VAECodec``: a frozen diffusers ``AutoencoderKL`` loaded from a local path (the paper uses Open-Sora's
+  VAE); latents are patchified. Its weights are not part of the PAR checkpoint: the config names the path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from par_deploy.config import PARConfig
+from par_deploy.errors import ConfigError, InputError
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """x ``[B, V, C, H, W]`` -> ``[B, V * (H/p) * (W/p), C * p * p]`` (camera-major, row-major patches)."""
+    B, V, C, H, W = x.shape
+    x = x.reshape(B, V, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)  # [B, V, h, w, C, p, p]
+    return x.reshape(B, V * (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(t: torch.Tensor, V: int, C: int, H: int, W: int, p: int) -> torch.Tensor:
+    B = t.shape[0]
+    x = t.reshape(B, V, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, V, C, h, p, w, p]
+    return x.reshape(B, V, C, H, W)
+
+
+def check_rgb(rgb: torch.Tensor, cfg: PARConfig, name: str = "rgb") -> None:
+    expected = (cfg.num_cameras, cfg.image_size, cfg.image_size, 3)
+    if rgb.dtype != torch.uint8:
+        raise InputError(f"{name}: expected dtype uint8, found {rgb.dtype}")
+    if tuple(rgb.shape[-4:]) != expected:
+        raise InputError(f"{name}: expected trailing shape {expected} [cameras, H, W, 3], found {tuple(rgb.shape)}")
+
+
+class PatchCodec(nn.Module):
+    def __init__(self, cfg: PARConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, V, H, W, 3]`` -> float ``[B, K_o, 3 p^2]`` in [-1, 1]."""
+        x = rgb.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, V, 3, H, W]
+        return patchify(x, self.cfg.patch_size)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        x = unpatchify(tokens, c.num_cameras, 3, c.image_size, c.image_size, c.patch_size)  # [B, V, 3, H, W]
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+
+
+class VAECodec(nn.Module):
+    def __init__(self, cfg: PARConfig, load: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.scale = 1.0
+        if not load:  # shapes only (parameter counts on the meta device); encode/decode need the weights
+            object.__setattr__(self, "vae", None)
+            return
+        if not cfg.vae_path:
+            raise ConfigError("codec 'vae' needs config.vae_path (a local diffusers AutoencoderKL directory)")
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
+        if vae.config.latent_channels != cfg.vae_latent_channels:
+            raise ConfigError(
+                f"{cfg.vae_path}: latent_channels {vae.config.latent_channels} != config {cfg.vae_latent_channels}"
+            )
+        object.__setattr__(self, "vae", vae)  # frozen, loaded from its own path: not in the PAR state dict
+        self.scale = float(vae.config.scaling_factor)
+
+    def _require(self) -> None:
+        if self.vae is None:
+            raise ConfigError("this model was built with load_frozen=False: the VAE is not loaded")
+
+    @torch.no_grad()
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        self._require()
+        B, V = rgb.shape[:2]
+        x = rgb.permute(0, 1, 4, 2, 3).flatten(0, 1).float() / 127.5 - 1.0  # [B*V, 3, H, W]
+        z = self.vae.encode(x).latent_dist.mean * self.scale  # [B*V, c, h, w]
+        return patchify(z.reshape(B, V, *z.shape[1:]), self.cfg.patch_size)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._require()
+        c = self.cfg
+        z = unpatchify(tokens, c.num_cameras, c.latent_channels, c.latent_size, c.latent_size, c.patch_size)
+        B = z.shape[0]
+        x = self.vae.decode(z.flatten(0, 1) / self.scale).sample  # [B*V, 3, H, W]
+        x = x.reshape(B, c.num_cameras, *x.shape[1:])
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+
+
+def make_codec(cfg: PARConfig, load_frozen: bool = True) -> nn.Module:
+    return PatchCodec(cfg) if cfg.codec == "patch" else VAECodec(cfg, load_frozen)
+
+
+class FrameEmbed(nn.Module):
+    """Frame tokens -> model width, plus a learned (camera, patch) position embedding (NOVA's patch_embed)."""
+
+    def __init__(self, cfg: PARConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.frame_token_dim, cfg.dim)
+        self.pos = nn.Parameter(torch.randn(cfg.frame_tokens, cfg.dim) * 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens) + self.pos  # [..., K_o, D]
+
+
+class ActionTokenizer(nn.Module):
+    """One token per action of the chunk: MLP ``A -> hidden -> D`` plus a learned index embedding."""
+
+    def __init__(self, cfg: PARConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.action_dim, cfg.action_tokenizer_hidden), nn.SiLU(), nn.Linear(cfg.action_tokenizer_hidden, cfg.dim)
+        )
+
+    def forward(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.mlp(actions)  # [..., L, A] -> [..., L, D]
+
+
+class StateTokenizer(nn.Module):
+    """Embodiment/task state (proprioception, goal position...) -> one token of the observation part."""
+
+    def __init__(self, cfg: PARConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(cfg.state_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.mlp(state).unsqueeze(-2)  # [..., S] -> [..., 1, D]
+
+
+class LearnedText(nn.Module):
+    """K_t learned tokens per instruction of ``config.instructions`` (the default: no text model needed)."""
+
+    def __init__(self, cfg: PARConfig):
+        super().__init__()
+        self.instructions = list(cfg.instructions)
+        self.tokens = nn.Parameter(torch.randn(len(cfg.instructions), cfg.num_text_tokens, cfg.dim) * 0.02)
+
+    def forward(self, instructions: list[str]) -> torch.Tensor:
+        idx = []
+        for s in instructions:
+            if s not in self.instructions:
+                raise InputError(f"unknown instruction {s!r}; this model knows {self.instructions}")
+            idx.append(self.instructions.index(s))
+        return self.tokens[torch.tensor(idx, device=self.tokens.device)]  # [B, K_t, D]
+
+
+class EncodedText(nn.Module):
+    """A frozen Hugging Face text encoder + a trained linear projector (NOVA: Phi-2 + projector).
+
+    The encoder is loaded from ``config.text_encoder_path`` (local files only) and is not saved in the PAR
+    checkpoint. Its last hidden states are padded/truncated to K_t tokens.
+    """
+
+    def __init__(self, cfg: PARConfig, load: bool = True):
+        super().__init__()
+        self.num_tokens = cfg.num_text_tokens
+        self.proj = nn.Linear(cfg.text_encoder_dim, cfg.dim)
+        if not load:  # shapes only; forward needs the encoder
+            object.__setattr__(self, "encoder", None)
+            return
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as e:
+            raise ConfigError("config.text_encoder_path needs the 'text' extra: pip install 'par-deploy[text]'") from e
+        enc = AutoModel.from_pretrained(cfg.text_encoder_path, local_files_only=True).eval().requires_grad_(False)
+        hidden = getattr(enc.config, "hidden_size", None)
+        if hidden != cfg.text_encoder_dim:
+            raise ConfigError(f"{cfg.text_encoder_path}: hidden size {hidden} != config.text_encoder_dim")
+        object.__setattr__(self, "encoder", enc)
+        object.__setattr__(self, "tokenizer", AutoTokenizer.from_pretrained(cfg.text_encoder_path, local_files_only=True))
+
+    def forward(self, instructions: list[str]) -> torch.Tensor:
+        if self.encoder is None:
+            raise ConfigError("this model was built with load_frozen=False: the text encoder is not loaded")
+        tok = self.tokenizer(
+            list(instructions), padding="max_length", truncation=True, max_length=self.num_tokens, return_tensors="pt"
+        )
+        with torch.no_grad():
+            h = self.encoder(**tok.to(self.proj.weight.device)).last_hidden_state  # [B, K_t, enc_dim]
+        return self.proj(h)
+
+
+def make_text(cfg: PARConfig, load_frozen: bool = True) -> nn.Module:
+    return EncodedText(cfg, load_frozen) if cfg.text_encoder_path else LearnedText(cfg)

@@ -1,0 +1,110 @@
+"""Pre-norm transformer blocks (timm/NOVA naming: ``blocks.i.norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
+mlp.fc2``), used causally with RoPE and the block mask (the temporal backbone), or bidirectionally without
+RoPE (the spatial set-by-set frame transformer).
+
+``CausalTransformer.forward`` runs a whole sequence (teacher forcing); ``CausalTransformer.step`` runs one
+new block against a static KV-cache and returns the block's hidden states and its new keys/values, which the
+caller writes into the cache (the form that exports cleanly: DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from par_deploy.kernels.attention import attention
+from par_deploy.model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if past is not None:  # static cache: [B, H, S, hd] each, visibility decided by the mask
+            k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, S+T, hd]
+        else:
+            k_all, v_all = k, v
+        out = attention(q, k_all, v_all, mask)  # [B, H, T, hd]
+        return self.proj(out.transpose(1, 2).reshape(B, T, D)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, mask, rope=None, past=None):
+        h, k, v = self.attn(self.norm1(x), mask, rope, past)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), k, v
+
+
+class Transformer(nn.Module):
+    """A stack of blocks with a final norm. Bidirectional (mask None) unless given a mask."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        for blk in self.blocks:
+            x, _, _ = blk(x, mask, rope)
+        return self.norm(x)
+
+
+class CausalTransformer(Transformer):
+    """The temporal backbone (NOVA's video encoder): block-causal mask and RoPE over time."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__(dim, depth, heads, mlp_ratio)
+        self.heads, self.head_dim = heads, dim // heads
+
+    def step(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block against the cache.
+
+        x ``[B, Bl, D]``; cache_k/v ``[layers, B, H, S, hd]`` (read only); mask bool ``[Bl, S + Bl]``.
+        Returns hidden ``[B, Bl, D]`` and the block's new keys/values ``[layers, B, H, Bl, hd]``.
+        """
+        new_k, new_v = [], []
+        for i, blk in enumerate(self.blocks):
+            x, k, v = blk(x, mask, rope, (cache_k[i], cache_v[i]))
+            new_k.append(k)
+            new_v.append(v)
+        return self.norm(x), torch.stack(new_k), torch.stack(new_v)
