@@ -5,7 +5,7 @@ For a step ``t -> t_prev`` with cumulative alphas ``a_t, a_prev`` and noise pred
     x0     = clamp(sqrt(1/a_t) * x - sqrt(1/a_t - 1) * eps, -clip, clip)
     x_prev = coef_x0 * x0 + coef_xt * x + sigma * z
 
-DDIM (eta=0, epsilon recomputed from the clipped x0, as diffusers does):
+DDIM (eta=0, epsilon re-derived from the clipped x0: diffusers with use_clipped_model_output=True):
     coef_x0 = sqrt(a_prev) - sqrt(1 - a_prev) * sqrt(a_t) / sqrt(1 - a_t), coef_xt = sqrt(1 - a_prev) / sqrt(1 - a_t),
     sigma = 0.
 DDPM (posterior mean, "fixed_small" variance):

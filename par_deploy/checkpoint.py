@@ -70,7 +70,9 @@ def load_state_dict_checked(model: PARModel, sd: dict[str, torch.Tensor], source
 def from_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[PARModel, Normalizer]:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_FILE}, {WEIGHTS_FILE}, {NORM_FILE})")
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory (expected {CONFIG_FILE}, {WEIGHTS_FILE}, {NORM_FILE})"
+        )
     try:
         cfg = PARConfig.load(path / CONFIG_FILE)
     except ConfigError as e:

@@ -48,6 +48,7 @@ class PARConfig:
     # --- frame codec ---------------------------------------------------------------------------
     codec: str = "patch"  # "patch": pixel patches, no weights; "vae": diffusers AutoencoderKL
     patch_size: int = 16  # pixels per patch side (codec "patch") or latent cells (codec "vae")
+    target_pool: int = 2  # codec "patch": the predicted frame is the input frame mean-pooled by this factor
     vae_path: str | None = None
     vae_latent_channels: int = 4
     vae_downsample: int = 8
@@ -62,7 +63,7 @@ class PARConfig:
 
     # --- frame de-tokenizer (NOVA's spatial "image encoder" + diffusion MLP) ---------------------
     spatial_depth: int = 2
-    frame_head_width: int = 256
+    frame_head_width: int = 384
     frame_head_depth: int = 2
     frame_mask_min: float = 0.7  # training mask ratio ~ U[frame_mask_min, 1]
     frame_decode_sets: int = 4  # set-by-set prediction at inference
@@ -91,7 +92,8 @@ class PARConfig:
         self.instructions = tuple(self.instructions)
         positive = [
             "image_size", "num_cameras", "action_dim", "chunk_len", "max_blocks", "num_text_tokens",
-            "patch_size", "dim", "depth", "heads", "spatial_depth", "frame_head_width", "frame_head_depth",
+            "patch_size", "target_pool", "dim", "depth", "heads", "spatial_depth", "frame_head_width",
+            "frame_head_depth",
             "frame_decode_sets", "dit_dim", "dit_depth", "dit_heads", "action_tokenizer_hidden",
             "train_timesteps", "diffusion_batch_mul", "sample_steps",
         ]
@@ -116,6 +118,10 @@ class PARConfig:
                 f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
                 f"{self.latent_size} (image_size={self.image_size})"
             )
+        if self.patch_size % self.target_pool:
+            raise ConfigError(f"config.target_pool={self.target_pool} must divide patch_size={self.patch_size}")
+        if self.codec == "vae" and self.target_pool != 1:
+            raise ConfigError("config.target_pool must be 1 with the 'vae' codec (latents are predicted as they are)")
         if self.codec == "vae" and self.image_size % self.vae_downsample:
             raise ConfigError(f"image_size={self.image_size} must be divisible by vae_downsample")
         if not 0.0 < self.frame_mask_min <= 1.0:
@@ -141,8 +147,19 @@ class PARConfig:
         return self.num_cameras * (self.latent_size // self.patch_size) ** 2
 
     @property
-    def frame_token_dim(self) -> int:
+    def frame_input_dim(self) -> int:
+        """Width of an input frame token (one patch of the codec's output)."""
         return self.latent_channels * self.patch_size**2
+
+    @property
+    def target_patch(self) -> int:
+        return self.patch_size // self.target_pool
+
+    @property
+    def frame_token_dim(self) -> int:
+        """Width of a predicted frame token: the same patch of the ``target_pool``-pooled frame. Pooling keeps
+        the de-tokenizer's targets small enough for a CPU-sized diffusion MLP (tests/test_model.py overfit)."""
+        return self.latent_channels * self.target_patch**2
 
     @property
     def state_tokens(self) -> int:
@@ -207,8 +224,9 @@ class PARConfig:
 
 def _tiny() -> PARConfig:
     return PARConfig(
-        image_size=16, patch_size=8, action_dim=4, state_dim=3, chunk_len=4, max_blocks=8, num_text_tokens=2,
-        dim=32, depth=2, heads=2, spatial_depth=1, frame_head_width=32, frame_head_depth=1,
+        image_size=16, patch_size=8, target_pool=2, action_dim=4, state_dim=3, chunk_len=4, max_blocks=8,
+        num_text_tokens=2,
+        dim=32, depth=2, heads=2, spatial_depth=1, frame_head_width=64, frame_head_depth=1,
         dit_dim=32, dit_depth=1, dit_heads=2, action_tokenizer_hidden=32, train_timesteps=50,
         sample_steps=4, frame_decode_sets=2,
     )
@@ -223,7 +241,7 @@ def _paper() -> PARConfig:
     # Point vae_path / text_encoder_path at local copies of those weights to build it for real.
     return PARConfig(
         vae_path=None, text_encoder_path="phi-2", text_encoder_dim=2560,
-        image_size=256, codec="vae", vae_latent_channels=4, vae_downsample=8, patch_size=2,
+        image_size=256, codec="vae", vae_latent_channels=4, vae_downsample=8, patch_size=2, target_pool=1,
         action_dim=7, state_dim=9, chunk_len=16, max_blocks=16, num_text_tokens=256,
         dim=1024, depth=16, heads=16, spatial_depth=32, frame_head_width=1280, frame_head_depth=3,
         dit_dim=512, dit_depth=3, dit_heads=8, action_tokenizer_hidden=576,

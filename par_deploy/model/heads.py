@@ -126,7 +126,8 @@ class FrameDetokenizer(nn.Module):
     def loss(self, cond: torch.Tensor, target: torch.Tensor, schedule: TrainSchedule, generator=None) -> torch.Tensor:
         M, K, C = target.shape
         dev = target.device
-        ratio = self.cfg.frame_mask_min + (1 - self.cfg.frame_mask_min) * torch.rand(M, 1, generator=generator, device=dev)
+        lo = self.cfg.frame_mask_min
+        ratio = lo + (1 - lo) * torch.rand(M, 1, generator=generator, device=dev)
         num_masked = (ratio * K).ceil().clamp(1, K)  # [M, 1]
         rank = torch.rand(M, K, generator=generator, device=dev).argsort(-1).argsort(-1)  # random order
         masked = rank < num_masked  # [M, K]
@@ -152,7 +153,7 @@ class FrameDetokenizer(nn.Module):
             start += size
             z = self.encode(cond, x, known)[:, ids].flatten(0, 1)  # [M*size, D]
             n = noise[:, :, ids].flatten(1, 2)  # [K+1, M*size, C]
-            tokens = sample(lambda xt, t: self.mlp(xt, t, z), sampler, n)
+            tokens = sample(lambda xt, t, z=z: self.mlp(xt, t, z), sampler, n)
             x[:, ids] = tokens.view(M, size, -1)
             known[:, ids] = True
         return x

@@ -26,7 +26,12 @@ from par_deploy.model.heads import ActionDiT, DiscreteActionHead, DiscreteFrameH
 from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask, text_mask
 from par_deploy.model.rope import BlockRope
 from par_deploy.model.tokenizers import (
-    ActionTokenizer, FrameEmbed, StateTokenizer, check_rgb, make_codec, make_text,
+    ActionTokenizer,
+    FrameEmbed,
+    StateTokenizer,
+    check_rgb,
+    make_codec,
+    make_text,
 )
 from par_deploy.model.transformer import CausalTransformer
 
@@ -125,7 +130,7 @@ class PARModel(nn.Module):
         cond = self.action_condition(h_blocks, h[:, None, : cfg.num_text_tokens])  # [B, N, Lc, D]
 
         valid = batch["block_valid"][:, 1:]  # [B, N]: target block n+1 exists
-        target_frames = self.codec.encode(rgb[:, 1:].flatten(0, 1)).view(B, N, cfg.frame_tokens, -1)
+        target_frames = self.codec.encode_target(rgb[:, 1:].flatten(0, 1)).view(B, N, cfg.frame_tokens, -1)
         frame_loss = self.frame_head.loss(h_frames[valid], target_frames[valid], self.train_schedule, generator)
         action_loss = self.action_head.loss(
             cond[valid], actions[:, 1:][valid], batch["action_valid"][:, 1:][valid], self.train_schedule, generator

@@ -36,20 +36,42 @@ def check_rgb(rgb: torch.Tensor, cfg: PARConfig, name: str = "rgb") -> None:
         raise InputError(f"{name}: expected trailing shape {expected} [cameras, H, W, 3], found {tuple(rgb.shape)}")
 
 
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``[B, V, 3, H, W]`` in [-1, 1] -> uint8 ``[B, V, H, W, 3]``."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+
+
 class PatchCodec(nn.Module):
+    """Input tokens: pixel patches of side p. Targets: the same patches of the frame mean-pooled by
+    ``target_pool`` (side p / pool), so token i of the input and of the target cover the same image region."""
+
     def __init__(self, cfg: PARConfig):
         super().__init__()
         self.cfg = cfg
 
+    def _pixels(self, rgb: torch.Tensor) -> torch.Tensor:
+        return rgb.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, V, 3, H, W]
+
     def encode(self, rgb: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, V, H, W, 3]`` -> float ``[B, K_o, 3 p^2]`` in [-1, 1]."""
-        x = rgb.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, V, 3, H, W]
-        return patchify(x, self.cfg.patch_size)
+        return patchify(self._pixels(rgb), self.cfg.patch_size)
+
+    def encode_target(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, V, H, W, 3]`` -> float ``[B, K_o, 3 (p/pool)^2]``: the de-tokenizer's targets."""
+        x = self._pixels(rgb)
+        k = self.cfg.target_pool
+        if k > 1:
+            B, V = x.shape[:2]
+            x = torch.nn.functional.avg_pool2d(x.flatten(0, 1), k).unflatten(0, (B, V))
+        return patchify(x, self.cfg.target_patch)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Target tokens -> uint8 ``[B, V, H, W, 3]`` (pooled frames shown at full size)."""
         c = self.cfg
-        x = unpatchify(tokens, c.num_cameras, 3, c.image_size, c.image_size, c.patch_size)  # [B, V, 3, H, W]
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+        side = c.image_size // c.target_pool
+        x = unpatchify(tokens, c.num_cameras, 3, side, side, c.target_patch)  # [B, V, 3, h, w]
+        x = x.repeat_interleave(c.target_pool, dim=3).repeat_interleave(c.target_pool, dim=4)
+        return _to_uint8(x)
 
 
 class VAECodec(nn.Module):
@@ -84,6 +106,9 @@ class VAECodec(nn.Module):
         z = self.vae.encode(x).latent_dist.mean * self.scale  # [B*V, c, h, w]
         return patchify(z.reshape(B, V, *z.shape[1:]), self.cfg.patch_size)
 
+    def encode_target(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.encode(rgb)
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self._require()
@@ -91,8 +116,7 @@ class VAECodec(nn.Module):
         z = unpatchify(tokens, c.num_cameras, c.latent_channels, c.latent_size, c.latent_size, c.patch_size)
         B = z.shape[0]
         x = self.vae.decode(z.flatten(0, 1) / self.scale).sample  # [B*V, 3, H, W]
-        x = x.reshape(B, c.num_cameras, *x.shape[1:])
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+        return _to_uint8(x.reshape(B, c.num_cameras, *x.shape[1:]))
 
 
 def make_codec(cfg: PARConfig, load_frozen: bool = True) -> nn.Module:
@@ -104,7 +128,7 @@ class FrameEmbed(nn.Module):
 
     def __init__(self, cfg: PARConfig):
         super().__init__()
-        self.proj = nn.Linear(cfg.frame_token_dim, cfg.dim)
+        self.proj = nn.Linear(cfg.frame_input_dim, cfg.dim)
         self.pos = nn.Parameter(torch.randn(cfg.frame_tokens, cfg.dim) * 0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,9 +140,8 @@ class ActionTokenizer(nn.Module):
 
     def __init__(self, cfg: PARConfig):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.action_dim, cfg.action_tokenizer_hidden), nn.SiLU(), nn.Linear(cfg.action_tokenizer_hidden, cfg.dim)
-        )
+        hidden = cfg.action_tokenizer_hidden
+        self.mlp = nn.Sequential(nn.Linear(cfg.action_dim, hidden), nn.SiLU(), nn.Linear(hidden, cfg.dim))
 
     def forward(self, actions: torch.Tensor) -> torch.Tensor:
         return self.mlp(actions)  # [..., L, A] -> [..., L, D]
@@ -175,7 +198,8 @@ class EncodedText(nn.Module):
         if hidden != cfg.text_encoder_dim:
             raise ConfigError(f"{cfg.text_encoder_path}: hidden size {hidden} != config.text_encoder_dim")
         object.__setattr__(self, "encoder", enc)
-        object.__setattr__(self, "tokenizer", AutoTokenizer.from_pretrained(cfg.text_encoder_path, local_files_only=True))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.text_encoder_path, local_files_only=True)
+        object.__setattr__(self, "tokenizer", tokenizer)
 
     def forward(self, instructions: list[str]) -> torch.Tensor:
         if self.encoder is None:
