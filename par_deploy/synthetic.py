@@ -43,3 +43,41 @@ def synthetic_batch(cfg: PARConfig, batch: int = 2, blocks: int = 3, seed: int =
         "rgb": rgb, "state": state, "actions": actions, "boa": boa, "block_valid": block_valid,
         "action_valid": action_valid, "instructions": [cfg.instructions[0]] * B,
     }
+
+
+def write_synthetic_demos(out_dir, episodes: int = 4, image_size: int = 16, action_dim: int = 4,
+                          state_dim: int = 3, min_steps: int = 9, max_steps: int = 15, seed: int = 0,
+                          max_episode_steps: int = 16):
+    """A demonstration directory in the ``par-demos`` format (train/demos.py) without the simulator:
+    a square that moves with the actions, for training tests."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    out = Path(out_dir)
+    (out / "episodes").mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": "par-demos", "version": 1, "task": "Synthetic", "env_id": "Synthetic-v0",
+        "control_mode": "pd_ee_delta_pos", "image_size": image_size, "num_cameras": 1, "camera_names": ["base"],
+        "state_keys": [["pos", state_dim]], "state_dim": state_dim, "action_dim": action_dim,
+        "instruction": "move the square", "max_episode_steps": max_episode_steps,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    rng = np.random.default_rng(seed)
+    side = max(2, image_size // 4)
+    for i in range(episodes):
+        T = int(rng.integers(min_steps, max_steps + 1))
+        actions = rng.uniform(-1, 1, (T, action_dim)).astype(np.float32)
+        pos = rng.uniform(0.2, 0.8, 2)
+        rgb = np.zeros((T + 1, 1, image_size, image_size, 3), np.uint8)
+        state = np.zeros((T + 1, state_dim), np.float32)
+        for t in range(T + 1):
+            if t:
+                pos = np.clip(pos + 0.05 * actions[t - 1, :2], 0.05, 0.95)
+            y, x = (pos * (image_size - side)).astype(int)
+            rgb[t, 0, y : y + side, x : x + side] = (220, 60, 30)
+            state[t, : min(2, state_dim)] = pos[: min(2, state_dim)]
+        np.savez_compressed(out / "episodes" / f"ep_{i:06d}.npz", rgb=rgb, state=state, actions=actions,
+                            success=np.bool_(True), seed=np.int64(i))
+    return out

@@ -3,8 +3,8 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from par_deploy.kernels.sampler import sampler_update, sampler_update_reference
 
+from par_deploy.kernels.sampler import sampler_update, sampler_update_reference
 from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule, sample
 
 

@@ -1,4 +1,5 @@
 import torch
+
 from par_deploy.kernels import attention, attention_reference, cache_step_mask, write_block, write_block_reference
 from par_deploy.kernels.cache import write_block_
 

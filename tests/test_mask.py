@@ -3,9 +3,9 @@
 import itertools
 
 import torch
-from par_deploy.kernels.attention import cache_step_mask
 
 from par_deploy.config import preset
+from par_deploy.kernels.attention import cache_step_mask
 from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask
 
 

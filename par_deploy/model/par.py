@@ -103,6 +103,10 @@ class PARModel(nn.Module):
         rope = tuple(r.to(x.device) for r in self.rope.sequence(N))
         return self.transformer(x, mask, rope)
 
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """``losses`` (``forward`` so that DistributedDataParallel synchronises the gradients)."""
+        return self.losses(batch, generator)
+
     def losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
         """Teacher-forced diffusion losses over whole episodes.
 

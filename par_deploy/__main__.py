@@ -1,0 +1,3 @@
+from par_deploy.cli import main
+
+main()

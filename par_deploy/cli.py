@@ -1,0 +1,133 @@
+"""The ``par-deploy`` command line. It only parses arguments and calls importable functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Train, export, benchmark and evaluate Physical Autoregressive Model (PAR) policies.")
+
+
+@app.command()
+def info(
+    preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
+    checkpoint: Annotated[Path | None, typer.Option(help="Describe this checkpoint instead of a preset.")] = None,
+) -> None:
+    """Print a model's configuration and parameter counts per module (the paper's Table 1 grouping)."""
+    from par_deploy.describe import describe
+
+    describe(preset, checkpoint)
+
+
+@app.command()
+def demo(
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to run (default: the shipped one).")] = None,
+    steps: Annotated[int, typer.Option(help="Control steps to run (each returns one action chunk).")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the observations and the sampling noise.")] = 0,
+) -> None:
+    """The main job on the embedded default: load the policy, run an episode-shaped rollout, report it."""
+    from par_deploy.describe import run_demo
+
+    run_demo(checkpoint, steps, seed)
+
+
+@app.command()
+def demos(
+    task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
+    n: Annotated[int, typer.Option("-n", help="Number of successful demonstrations to keep.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Dataset directory (default: data/<task>).")] = None,
+    control_mode: Annotated[str, typer.Option(help="Controller of the recorded actions.")] = "pd_ee_delta_pos",
+    image_size: Annotated[int, typer.Option(help="Square camera frames, pixels.")] = 64,
+    workers: Annotated[int, typer.Option(help="Simulator processes (one core each).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first episode.")] = 0,
+) -> None:
+    """Generate motion-planning demonstrations in ManiSkill3 and convert them to the training format.
+
+    Resumable: episodes already in OUT are kept and skipped.
+    """
+    from par_deploy.train.demos import generate_demos
+
+    summary = generate_demos(task, n, out or Path("data") / task, control_mode=control_mode,
+                             image_size=image_size, workers=workers, seed=seed)
+    typer.echo(str(summary))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Demonstration directory written by `par-deploy demos`.")],
+    out: Annotated[Path, typer.Option(help="Run directory (state, metrics, checkpoints). Resumes if present.")],
+    preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Episodes per step (global over DDP processes).")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 200,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
+    threads: Annotated[int, typer.Option(help="Torch threads per process: the free cores.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
+    limit_episodes: Annotated[int | None, typer.Option(help="Use only the first N episodes.")] = None,
+    stop_at: Annotated[int | None, typer.Option(help="Stop (resumably) after this step.")] = None,
+) -> None:
+    """Train PAR with teacher forcing over whole episodes. Under `torchrun` it trains with DDP."""
+    from par_deploy.train.trainer import TrainConfig
+    from par_deploy.train.trainer import train as run_train
+
+    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, save_every=save_every,
+                     threads=threads, seed=seed, limit_episodes=limit_episodes)
+    final = run_train(data, out, preset, tc, stop_at=stop_at)
+    typer.echo(f"checkpoint: {final}" if final else f"stopped at step {stop_at}; run again to resume")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    backend: Annotated[list[str], typer.Option(help="onnx, torchscript, tensorrt (repeatable).")] = ["onnx"],  # noqa: B006
+    denoise_steps: Annotated[int, typer.Option(help="K: Action-DiT denoiser calls per chunk.")] = 4,
+    sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 (where the backend supports it).")] = "fp32",
+) -> None:
+    """Compile a checkpoint into an engine bundle (static KV-cache step + few-step Action-DiT sampler)."""
+    from par_deploy.export import export_bundle
+
+    report = export_bundle(checkpoint, out, backends=tuple(backend), denoise_steps=denoise_steps,
+                           sampler=sampler, precision=precision)
+    typer.echo(str(report))
+
+
+@app.command()
+def bench(
+    engine: Annotated[Path, typer.Option(help="Bundle directory.")],
+    reference: Annotated[Path | None, typer.Option(help="Checkpoint of the PyTorch reference.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the scaling curves as PNG.")] = None,
+) -> None:
+    """Latency and memory of an engine against the PyTorch reference, measured in one run."""
+    from par_deploy.bench import run_bench
+
+    run_bench(engine, reference, json_out, plot)
+
+
+@app.command(name="eval")
+def evaluate(
+    task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
+    engine: Annotated[Path | None, typer.Option(help="Bundle directory.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (PyTorch reference).")] = None,
+    episodes: Annotated[int, typer.Option(help="Rollouts (paper: 125 = 5 seeds x 25 initial states).")] = 125,
+    workers: Annotated[int, typer.Option(help="Simulator processes.")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Results JSON (also the resume file).")] = None,
+) -> None:
+    """ManiSkill success rate of an engine or of the PyTorch reference."""
+    from par_deploy.evaluate import run_eval
+
+    run_eval(task, engine, checkpoint, episodes, workers, json_out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

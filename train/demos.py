@@ -1,0 +1,504 @@
+"""Demonstrations: ManiSkill's motion planner, converted to the project's observation format.
+
+Pipeline, per episode (``generate_demos``):
+
+1. Plan: ManiSkill's scripted motion-planning solution for the task (``mani_skill.examples.motionplanning.
+   panda.solutions``) drives a ``pd_joint_pos`` environment without observations; its actions are recorded.
+2. Convert: a ``ParEnv`` (``par_deploy.sim``, the environment evaluation uses) is reset with the same seed
+   and ManiSkill's action converter (``mani_skill.trajectory.utils.actions.conversion.from_pd_joint_pos``, the
+   function behind ``replay_trajectory -c``) replays the plan in the target control mode, stepping the
+   ``ParEnv``. Every observation the ``ParEnv`` returns and every action sent to ``ParEnv.step`` is stored, so
+   training observations are exactly what the policy sees at evaluation.
+3. Keep: only episodes whose converted replay ends in success are written.
+
+Episode ``i`` uses seed ``seed + i``; if planning or conversion fails it retries with ``seed + i + k * 10**6``
+(k = 1, 2, ...), so seeds never collide between episodes, runs with a different ``n``, or workers.
+
+Dataset format (version 1)::
+
+    <out_dir>/meta.json
+        {"format": "par-demos", "version": 1, "task": "PushCube", "env_id": "PushCube-v1",
+         "control_mode": "pd_ee_delta_pos", "image_size": 64, "num_cameras": V, "camera_names": [...],
+         "state_keys": [[name, dim], ...], "state_dim": S, "action_dim": A, "instruction": "...",
+         "max_episode_steps": 100}
+    <out_dir>/episodes/ep_{index:06d}.npz   (np.savez_compressed)
+        rgb      uint8   [T+1, V, H, W, 3]  observation before each action, plus the final one
+        state    float32 [T+1, S]           state_keys concatenated (see par_deploy.sim.env)
+        actions  float32 [T, A]             exactly what was sent to ParEnv.step, in control_mode
+        success  bool    []                 always True for kept episodes
+        seed     int64   []                 ParEnv.reset(seed) reproduces the initial state
+
+``max_episode_steps`` is the evaluation horizon of the task; demonstrations are not cut to it.
+
+Resuming: an episode file is written to a temporary name and moved into place (``os.replace``), so a file that
+exists is complete; a new run skips the indices whose files exist. One run per ``out_dir`` at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from par_deploy.errors import InputError
+
+FORMAT = "par-demos"
+VERSION = 1
+SEED_STRIDE = 10**6  # retry k of episode i uses seed + i + k * SEED_STRIDE
+PLANNERS = {"PushCube-v1": "solvePushCube", "PickCube-v1": "solvePickCube", "StackCube-v1": "solveStackCube"}
+# Control modes ManiSkill's converter reaches from the planner's pd_joint_pos (pd_joint_pos: no conversion).
+CONTROL_MODES = ("pd_joint_pos", "pd_joint_delta_pos", "pd_ee_delta_pos", "pd_ee_delta_pose")
+_LONG_HORIZON = 10_000  # TimeLimit for planning/conversion envs: demos are never truncated
+
+_Emit = Callable[[tuple], None]
+
+
+@dataclass
+class DemoSummary:
+    """What one ``generate_demos`` call did. Times are in seconds; ``lengths`` are T of the new episodes."""
+
+    task: str
+    out_dir: str
+    requested: int
+    kept: int = 0  # written by this call
+    existing: int = 0  # already on disk, skipped
+    failed_attempts: int = 0  # planning failed or the converted replay did not succeed
+    missing: list[int] = field(default_factory=list)  # indices without a demo after max_attempts
+    lengths: list[int] = field(default_factory=list)
+    plan_seconds: float = 0.0  # summed over all attempts
+    convert_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def attempts(self) -> int:
+        return self.kept + self.failed_attempts
+
+    @property
+    def seconds_per_demo(self) -> float:
+        """Wall-clock seconds per kept episode (includes environment creation and failed attempts)."""
+        return self.wall_seconds / self.kept if self.kept else float("nan")
+
+    def __str__(self) -> str:
+        per = max(self.attempts, 1)
+        lengths = (
+            f", T min/mean/max {min(self.lengths)}/{np.mean(self.lengths):.1f}/{max(self.lengths)}"
+            if self.lengths
+            else ""
+        )
+        return (
+            f"{self.task}: kept {self.kept}, existing {self.existing}, "
+            f"failed attempts {self.failed_attempts}, "
+            f"missing {len(self.missing)} of {self.requested} in {self.out_dir}{lengths}; "
+            f"{self.seconds_per_demo:.2f} s/demo wall, per attempt: plan {self.plan_seconds / per:.2f} s, "
+            f"convert {self.convert_seconds / per:.2f} s"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_meta(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``<out_dir>/meta.json``."""
+    path = Path(out_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read dataset metadata ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise InputError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+            f"expected {FORMAT!r} version {VERSION}"
+        )
+    return meta
+
+
+def list_episodes(out_dir: str | os.PathLike) -> list[Path]:
+    """The episode files of a dataset, sorted by index."""
+    return sorted((Path(out_dir) / "episodes").glob("ep_*.npz"))
+
+
+def load_episode(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Read one episode and check its arrays (and, with ``meta``, their sizes); raise ``InputError``
+    (a ``ValueError``) naming the file and the problem."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ep = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path}: cannot read episode ({e})") from e
+
+    def bad(msg: str) -> InputError:
+        return InputError(f"{path}: {msg}")
+
+    expected = {
+        "rgb": np.uint8,
+        "state": np.float32,
+        "actions": np.float32,
+        "success": np.bool_,
+        "seed": np.int64,
+    }
+    missing = sorted(set(expected) - set(ep))
+    if missing:
+        raise bad(f"missing arrays {missing} (has {sorted(ep)})")
+    for k, dtype in expected.items():
+        if ep[k].dtype != dtype:
+            raise bad(f"{k} has dtype {ep[k].dtype}, expected {np.dtype(dtype)}")
+    rgb, state, actions = ep["rgb"], ep["state"], ep["actions"]
+    if rgb.ndim != 5 or rgb.shape[-1] != 3:
+        raise bad(f"rgb has shape {rgb.shape}, expected [T+1, V, H, W, 3]")
+    if state.ndim != 2 or actions.ndim != 2:
+        raise bad(f"state {state.shape} and actions {actions.shape} must be 2-D")
+    t = actions.shape[0]
+    if t < 1 or rgb.shape[0] != t + 1 or state.shape[0] != t + 1:
+        raise bad(f"lengths disagree: rgb {rgb.shape[0]}, state {state.shape[0]}, actions {t} (need T+1, T+1, T >= 1)")
+    if ep["success"].shape != () or ep["seed"].shape != ():
+        raise bad("success and seed must be scalars")
+    if not (np.isfinite(state).all() and np.isfinite(actions).all()):
+        raise bad("state or actions contain non-finite values")
+    if meta is not None:
+        size = meta["image_size"]
+        want = {
+            "rgb": (meta["num_cameras"], size, size, 3),
+            "state": (meta["state_dim"],),
+            "actions": (meta["action_dim"],),
+        }
+        for k, shape in want.items():
+            if ep[k].shape[1:] != shape:
+                raise bad(f"{k} has per-step shape {ep[k].shape[1:]}, meta.json says {shape}")
+    return ep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _episode_path(out_dir: Path, index: int) -> Path:
+    return out_dir / "episodes" / f"ep_{index:06d}.npz"
+
+
+def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_episode(path: Path, ep: dict[str, np.ndarray]) -> None:
+    _write_atomic(path, lambda f: np.savez_compressed(f, **ep))
+
+
+def _build_meta(env, task: str) -> dict[str, Any]:
+    spec = env.spec
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "task": task,
+        "env_id": spec.env_id,
+        "control_mode": env.control_mode,
+        "image_size": env.image_size,
+        "num_cameras": env.num_cameras,
+        "camera_names": list(spec.cameras),
+        "state_keys": [[k, d] for k, d in spec.state_keys],
+        "state_dim": env.state_dim,
+        "action_dim": env.action_dim,
+        "instruction": spec.instruction,
+        "max_episode_steps": spec.max_episode_steps,
+    }
+
+
+def _write_or_check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    path = out_dir / "meta.json"
+    if path.exists():
+        old = load_meta(out_dir)
+        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {old.get(k)!r} on disk vs {meta.get(k)!r}" for k in diff)
+            raise ValueError(f"{path} was written with different settings ({details}); use another out_dir")
+        return
+    text = json.dumps(meta, indent=2) + "\n"
+    _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning and conversion
+
+
+class _ActionRecorder:
+    """Wraps the planner's environment and records the actions the motion planner sends."""
+
+    def __init__(self, env):
+        self.env = env
+        self.actions: list[np.ndarray] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+    @property
+    def unwrapped(self):
+        return self.env.unwrapped
+
+    def reset(self, **kwargs):
+        self.actions = []
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        self.actions.append(np.array(action, copy=True))
+        return self.env.step(action)
+
+
+class _ParEnvRecorder:
+    """Stands in for the target environment of ManiSkill's action converter: steps a ``ParEnv`` with numpy
+    float32 actions and records every action and observation."""
+
+    def __init__(self, env, first_obs: dict[str, np.ndarray]):
+        self.env = env
+        self.unwrapped = env.unwrapped
+        self.observations = [first_obs]
+        self.actions: list[np.ndarray] = []
+        self.info: dict[str, Any] = {"success": False}
+
+    def step(self, action):
+        if hasattr(action, "detach"):
+            action = action.detach().cpu().numpy()
+        action = np.asarray(action, dtype=np.float32).reshape(-1)
+        out = self.env.step(action)
+        self.actions.append(action)
+        self.observations.append(out[0])
+        self.info = out[4]
+        return out
+
+
+def _plan(recorder: _ActionRecorder, solve, seed: int) -> tuple[np.ndarray | None, str]:
+    """Run the motion planner; return (pd_joint_pos actions, "") or (None, reason)."""
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            res = solve(recorder, seed=seed, debug=False, vis=False)
+    except Exception as e:  # noqa: BLE001 - the scripted planners raise on unreachable poses
+        return None, f"planner error: {type(e).__name__}: {e}"
+    if isinstance(res, int) and res == -1:
+        return None, "planner found no path" + (f" ({log.getvalue().strip()[-120:]})" if log.getvalue().strip() else "")
+    if not bool(np.asarray(res[-1]["success"]).reshape(-1)[0]):
+        return None, "planned episode did not succeed"
+    return np.stack(recorder.actions), ""
+
+
+def _convert(actions: np.ndarray, planner_env, env, control_mode: str, seed: int) -> dict[str, np.ndarray]:
+    """Replay planned ``pd_joint_pos`` actions in ``env`` (a ``ParEnv`` in ``control_mode``), recording it."""
+    from mani_skill.trajectory.utils.actions.conversion import from_pd_joint_pos
+
+    rec = _ParEnvRecorder(env, env.reset(seed))
+    planner_env.reset(seed=seed)
+    a, b = planner_env.unwrapped.get_state(), env.unwrapped.get_state()
+    if a.shape != b.shape or not bool((a == b).all()):
+        raise RuntimeError(f"seed {seed}: the planner's and the ParEnv's initial states differ")
+    if control_mode == "pd_joint_pos":
+        for action in actions:
+            rec.step(action)
+    else:
+        from_pd_joint_pos(control_mode, actions, planner_env, rec)
+    return {
+        "rgb": np.stack([o["rgb"] for o in rec.observations]),
+        "state": np.stack([o["state"] for o in rec.observations]),
+        "actions": np.stack(rec.actions).astype(np.float32),
+        "success": np.asarray(bool(rec.info["success"])),
+        "seed": np.asarray(seed, dtype=np.int64),
+    }
+
+
+def _generate(
+    task: str,
+    indices: list[int],
+    out_dir: Path,
+    control_mode: str,
+    image_size: int,
+    seed: int,
+    max_attempts: int,
+    emit: _Emit,
+) -> None:
+    """Make the episodes ``indices`` of ``out_dir`` in this process, reporting through ``emit``:
+    ("kept", index, seed, T, plan_s, convert_s), ("failed", index, seed, reason, plan_s, convert_s),
+    ("missing", index)."""
+    import torch
+    from mani_skill.examples.motionplanning.panda import solutions
+
+    from par_deploy.sim.env import TASKS, make_env, make_maniskill_env
+
+    spec = TASKS[task]
+    solve = getattr(solutions, PLANNERS[spec.env_id])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one simulator per core; tiny tensors (DESIGN §5: +25%)
+    planner_env = make_maniskill_env(
+        spec.env_id, obs_mode="none", control_mode="pd_joint_pos", max_episode_steps=_LONG_HORIZON
+    )
+    env = make_env(task, control_mode=control_mode, image_size=image_size, max_episode_steps=_LONG_HORIZON)
+    recorder = _ActionRecorder(planner_env)
+    try:
+        for index in indices:
+            for attempt in range(max_attempts):
+                ep_seed = seed + index + attempt * SEED_STRIDE
+                t0 = time.perf_counter()
+                actions, reason = _plan(recorder, solve, ep_seed)
+                t1 = time.perf_counter()
+                if actions is not None:
+                    ep = _convert(actions, planner_env, env, control_mode, ep_seed)
+                    if ep["success"]:
+                        _save_episode(_episode_path(out_dir, index), ep)
+                        emit(("kept", index, ep_seed, len(ep["actions"]), t1 - t0, time.perf_counter() - t1))
+                        break
+                    reason = f"converted {control_mode} replay did not succeed ({len(ep['actions'])} steps)"
+                emit(("failed", index, ep_seed, reason, t1 - t0, time.perf_counter() - t1))
+            else:
+                emit(("missing", index))
+    finally:
+        env.close()
+        planner_env.close()
+        torch.set_num_threads(threads)
+
+
+def _worker_main(kwargs: dict[str, Any], out: Any) -> None:
+    """Entry point of a worker process: ``_generate`` with results put on the queue ``out``."""
+    try:
+        _generate(**kwargs, emit=out.put)
+        out.put(("done",))
+    except BaseException:  # noqa: BLE001 - report anything, including KeyboardInterrupt
+        out.put(("error", traceback.format_exc()))
+
+
+def _run_workers(jobs: list[dict[str, Any]], handle: _Emit) -> None:
+    ctx = mp.get_context("spawn")  # never fork a process that may hold a Vulkan instance
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(job, out), daemon=True) for job in jobs]
+    for p in procs:
+        p.start()
+    running, errors = len(procs), []
+    try:
+        while running:
+            try:
+                msg = out.get(timeout=5.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]  # crashed without reporting
+                if dead:
+                    errors.append(f"worker pid {dead[0].pid} died with exit code {dead[0].exitcode}")
+                    break
+                continue
+            if msg[0] in ("done", "error"):
+                running -= 1
+                if msg[0] == "error":
+                    errors.append(msg[1])
+            else:
+                handle(msg)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    if errors:
+        raise RuntimeError("demo worker failed:\n" + "\n".join(errors))
+
+
+def generate_demos(
+    task: str,
+    n: int,
+    out_dir: str | os.PathLike,
+    *,
+    control_mode: str = "pd_ee_delta_pos",
+    image_size: int = 64,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    max_attempts: int = 5,
+) -> DemoSummary:
+    """Make sure ``out_dir`` holds episodes ``0 .. n-1`` of ``task`` (see the module docstring).
+
+    Episodes already on disk are skipped. ``workers > 1`` runs that many processes on disjoint episode
+    indices (each uses one core); they are started with ``spawn``, so a calling script needs the usual
+    ``if __name__ == "__main__":`` guard. Returns (and with ``progress`` prints) a ``DemoSummary``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from par_deploy.sim.env import TASKS, make_env
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    if TASKS[task].env_id not in PLANNERS:
+        raise ValueError(f"no motion planner for {task}")
+    if control_mode not in CONTROL_MODES:
+        raise ValueError(f"control_mode {control_mode!r} is not reachable from the planner; use one of {CONTROL_MODES}")
+    if n < 1 or workers < 1 or max_attempts < 1:
+        raise ValueError(f"n ({n}), workers ({workers}) and max_attempts ({max_attempts}) must be >= 1")
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    (out / "episodes").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "episodes").glob(".ep_*.tmp"):  # left by an interrupted run
+        stale.unlink()
+    with make_env(task, control_mode=control_mode, image_size=image_size) as env:
+        _write_or_check_meta(out, _build_meta(env, task))
+
+    summary = DemoSummary(task=task, out_dir=str(out), requested=n)
+    todo = [i for i in range(n) if not _episode_path(out, i).exists()]
+    summary.existing = n - len(todo)
+    console = Console(stderr=True, quiet=not progress, log_path=False)
+    columns = (TextColumn(f"{task} demos"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        bar_id = bar.add_task("demos", total=n, completed=summary.existing)
+
+        def handle(msg: tuple) -> None:
+            kind, index = msg[0], msg[1]
+            if kind == "kept":
+                _, _, ep_seed, length, plan_s, conv_s = msg
+                summary.kept += 1
+                summary.lengths.append(length)
+                summary.plan_seconds += plan_s
+                summary.convert_seconds += conv_s
+                bar.advance(bar_id)
+                console.log(f"ep {index:6d} seed {ep_seed}: T={length}, plan {plan_s:.2f} s, convert {conv_s:.2f} s")
+            elif kind == "failed":
+                _, _, ep_seed, reason, plan_s, conv_s = msg
+                summary.failed_attempts += 1
+                summary.plan_seconds += plan_s
+                summary.convert_seconds += conv_s
+                console.log(f"ep {index:6d} seed {ep_seed}: failed: {reason}")
+            elif kind == "missing":
+                summary.missing.append(index)
+                bar.advance(bar_id)
+                console.log(f"ep {index:6d}: no successful demo after {max_attempts} attempts")
+
+        if todo:
+            job = dict(
+                task=task,
+                out_dir=out,
+                control_mode=control_mode,
+                image_size=image_size,
+                seed=seed,
+                max_attempts=max_attempts,
+            )
+            workers = min(workers, len(todo))
+            if workers == 1:
+                _generate(indices=todo, emit=handle, **job)
+            else:
+                _run_workers([dict(job, indices=todo[w::workers]) for w in range(workers)], handle)
+    summary.missing.sort()
+    summary.wall_seconds = time.perf_counter() - t_start
+    console.print(str(summary), soft_wrap=True)
+    return summary
