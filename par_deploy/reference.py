@@ -51,23 +51,46 @@ class TorchPolicy(Policy):
             self.model.prefill(self._text, self.cache)
 
     @torch.no_grad()
-    def block_hidden(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool,
-                     step: int) -> torch.Tensor:
-        """Append one block and return its hidden states ``[1, Bl, D]``."""
+    def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
+        """Append block ``step`` (normalised inputs) and keep its Action-DiT condition for ``sample``.
+
+        Without the cache, the history is recomputed from scratch; calling again at an earlier ``step`` drops
+        the blocks from there on (so a benchmark can repeat one step at a fixed history length).
+        """
         m = self.model
         x = m.embed_block(
             torch.from_numpy(rgb)[None], torch.from_numpy(state)[None], torch.from_numpy(prev_chunk)[None],
             torch.tensor([first]),
         )  # [1, Bl, D]
         if self.use_cache:
-            return m.step(x, step, self.cache)
-        self._blocks.append(x)
-        h = m.hidden(self._text, torch.cat(self._blocks, 1))
-        return h[:, -m.cfg.block_len :]
+            h = m.step(x, step, self.cache)
+        else:
+            del self._blocks[step:]
+            self._blocks.append(x)
+            h = m.hidden(self._text, torch.cat(self._blocks, 1))[:, -m.cfg.block_len :]
+        self._hidden = h
+        self._cond = m.action_condition(h, self._text)
 
     @torch.no_grad()
-    def _act(self, rgb, state, prev_chunk, first, step, noise):
-        h = self.block_hidden(rgb, state, prev_chunk, first, step)
-        cond = self.model.action_condition(h, self._text)
-        actions = self.model.sample_actions(cond, self.schedule, torch.from_numpy(noise)[:, None])  # [1, L, A]
+    def sample(self, noise: np.ndarray) -> np.ndarray:
+        """Sample a normalised chunk ``[L, A]`` from the last block's condition; noise ``[K+1, L, A]``."""
+        actions = self.model.sample_actions(self._cond, self.schedule, torch.from_numpy(noise)[:, None])
         return actions[0].numpy()
+
+    @property
+    def last_action_cond(self) -> np.ndarray:
+        return self._cond[0].numpy().copy()
+
+    @property
+    def last_frame_hidden(self) -> np.ndarray:
+        return self.model.split_block(self._hidden)[0][0].numpy().copy()
+
+    def block_hidden(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool,
+                     step: int) -> torch.Tensor:
+        """``step_block`` returning the block's hidden states ``[1, Bl, D]``."""
+        self.step_block(rgb, state, prev_chunk, first, step)
+        return self._hidden
+
+    def _act(self, rgb, state, prev_chunk, first, step, noise):
+        self.block_hidden(rgb, state, prev_chunk, first, step)
+        return self.sample(noise)
