@@ -81,6 +81,20 @@ def train(
 
 
 @app.command()
+def render(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    data: Annotated[Path, typer.Option(help="Demonstration directory.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("predicted_frames.png"),
+    episode: Annotated[int, typer.Option(help="Episode index in the dataset.")] = 0,
+    steps: Annotated[int, typer.Option(help="DDIM steps of the frame de-tokenizer.")] = 10,
+) -> None:
+    """Predicted frames beside the real ones for one episode (real row over predicted row, paper Fig. 4)."""
+    from par_deploy.render import render_predictions
+
+    typer.echo(str(render_predictions(checkpoint, data, episode, out, steps)))
+
+
+@app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
@@ -113,16 +127,39 @@ def bench(
 @app.command(name="eval")
 def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
-    engine: Annotated[Path | None, typer.Option(help="Bundle directory.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (PyTorch reference).")] = None,
-    episodes: Annotated[int, typer.Option(help="Rollouts (paper: 125 = 5 seeds x 25 initial states).")] = 125,
-    workers: Annotated[int, typer.Option(help="Simulator processes.")] = 1,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Results JSON (also the resume file).")] = None,
+    engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Checkpoint (PyTorch reference); with --compare: the engine's reference.")] = None,
+    backend: Annotated[str, typer.Option(help="Engine backend: onnx, torchscript, tensorrt.")] = "onnx",
+    sampler: Annotated[str | None, typer.Option(help="Checkpoint only: ddim or ddpm (default: its own).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Checkpoint only: denoising steps K.")] = None,
+    episodes: Annotated[int, typer.Option(help="Rollouts (paper: 125 = 25 initial states x 5 seeds).")] = 125,
+    seeds: Annotated[str, typer.Option(help="Policy (noise) seeds, e.g. 0-4 or 0,1,2.")] = "0-4",
+    workers: Annotated[int, typer.Option(help="Simulator processes, one core each (0: in this process).")] = 1,
+    threads: Annotated[int, typer.Option(help="Compute threads per worker.")] = 1,
+    video: Annotated[Path | None, typer.Option(help="Write every episode as MP4 into this directory.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Results JSON, written after every episode; running again resumes it.")] = None,
+    compare: Annotated[bool, typer.Option(
+        help="Also run the reference (the bundle's source checkpoint or --checkpoint) and compare.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Episode limit in env steps (default: the task's).")] = None,
+    control_mode: Annotated[str | None, typer.Option(help="Default: the checkpoint's training control mode.")] = None,
+    stop_on_success: Annotated[bool, typer.Option(
+        help="End an episode at its first success (faster; no success_at_end).")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
 ) -> None:
-    """ManiSkill success rate of an engine or of the PyTorch reference."""
+    """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
+    from par_deploy.errors import ParError
     from par_deploy.evaluate import run_eval
 
-    run_eval(task, engine, checkpoint, episodes, workers, json_out)
+    try:
+        run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
+                 seeds=seeds, workers=workers, threads=threads, json_path=json_out, video_dir=video,
+                 compare=compare, max_steps=max_steps, control_mode=control_mode, stop_on_success=stop_on_success,
+                 timeout=timeout)
+    except ParError as e:  # a message the user can act on; no traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -82,3 +82,17 @@ def test_ddp_on_gloo_with_two_processes(demos, tmp_path):
     model, _ = from_pretrained(tmp_path / "ddp" / "final")
     assert model.cfg.extra["task"] == "Synthetic"
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # log_every=10: the last step
+
+
+def test_render_predicted_frames(demos, tmp_path):
+    from par_deploy.render import render_predictions
+
+    final = train(demos, tmp_path / "run", "tiny", small(steps=2), progress=False)
+    out = render_predictions(final, demos, 0, tmp_path / "pred.png", steps=2)
+    import matplotlib.pyplot as plt
+
+    img = plt.imread(out)
+    cfg = from_pretrained(final)[0].cfg
+    scale = 256 // cfg.image_size
+    assert img.shape[0] == 2 * cfg.image_size * scale  # a real row over a predicted row
+    assert img.shape[1] % (cfg.image_size * scale) == 0 and img.shape[1] > cfg.image_size * scale
