@@ -46,7 +46,9 @@ class Policy(ABC):
         """Start a new episode (clears the cache; keeps every buffer allocated)."""
         instruction = self.spec.instructions[0] if instruction is None else instruction
         if instruction not in self.spec.instructions:
-            raise ValueError(f"unknown instruction {instruction!r}; this policy knows {list(self.spec.instructions)}")
+            raise ValueError(
+                f"unknown instruction {instruction!r}; this policy knows {list(self.spec.instructions)}"
+            )
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         self._instruction = instruction
@@ -58,11 +60,16 @@ class Policy(ABC):
     def steps_left(self) -> int:
         return self.spec.max_blocks - self._step
 
+    @property
+    def last_chunk(self) -> np.ndarray:
+        """The normalised chunk ``[L, A]`` the last ``act`` returned (zeros after ``reset``); a copy."""
+        return self._prev_chunk.copy()
+
     def noise_shape(self) -> tuple[int, ...]:
         return (self.denoise_steps + 1, self.spec.chunk_len, self.spec.action_dim)
 
     def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
-        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> action chunk float32 ``[L, A]``.
+        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
 
         ``noise`` (float32 ``[K+1, L, A]``) makes the sample reproducible across backends.
         """
@@ -74,9 +81,11 @@ class Policy(ABC):
                 f"episode reached the static KV-cache length ({s.max_blocks} control steps); call reset()"
             )
         if not isinstance(observation, dict):
-            raise TypeError(f"observation: expected a dict with 'rgb' and 'state', found {type(observation).__name__}")
-        rgb = check_array(observation.get("rgb"), "observation['rgb']", (s.num_cameras, s.image_size, s.image_size, 3),
-                          np.uint8)
+            raise TypeError(
+                f"observation: expected a dict with 'rgb' and 'state', found {type(observation).__name__}"
+            )
+        rgb = check_array(observation.get("rgb"), "observation['rgb']",
+                          (s.num_cameras, s.image_size, s.image_size, 3), np.uint8)
         if s.state_dim:
             state = check_array(observation.get("state"), "observation['state']", (s.state_dim,), np.float32)
             state = self.normalizer.normalize_state(state)
@@ -85,9 +94,11 @@ class Policy(ABC):
         if noise is None:
             noise = self._rng.standard_normal(self.noise_shape()).astype(np.float32)
         noise = check_array(noise, "noise", self.noise_shape(), np.float32)
-        chunk = self._act(rgb, state, self._prev_chunk, self._step == 0, self._step, noise)  # normalised [L, A]
+        chunk = self._act(rgb, state, self._prev_chunk, self._step == 0, self._step, noise)  # normalised
         if not np.isfinite(chunk).all():
-            raise ActionError(f"the policy produced a non-finite action at step {self._step}; refusing to return it")
+            raise ActionError(
+                f"the policy produced a non-finite action at step {self._step}; refusing to return it"
+            )
         chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)
         self._prev_chunk[:] = chunk
         self._step += 1

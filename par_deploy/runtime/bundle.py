@@ -1,0 +1,459 @@
+"""Deployment bundles: the manifest format, the graph signatures, and verified loading (numpy only, no torch).
+
+A bundle is a directory written by ``par_deploy.export.export_bundle``::
+
+    manifest.json      format + version, source checkpoint hash, model config, graph signatures, cache
+                       sizes, sampler (kind, K, baked timesteps and coefficients), precision, engine files
+                       with sha256, normalisation statistics, export parity report
+    text_prefix.npz    the text-prefix keys/values of every instruction of the config (``k``, ``v``:
+                       ``[instructions, layers, 1, heads, K_t, head_dim]``), copied into the cache by
+                       ``reset``
+    onnx/*.onnx        ONNX graphs (ONNX Runtime backend, and the source the TensorRT engines are built from)
+    torchscript/*.pt   TorchScript modules (``torch.jit.load``, or libtorch's ``torch::jit::load``)
+    tensorrt/*.plan    serialized TensorRT engines (built on the target GPU)
+
+Graphs (all shapes static, batch 1):
+
+- ``step``: ``rgb`` uint8 ``[1,V,H,W,3]``, ``state`` float32 ``[1,S]`` (absent when ``state_dim == 0``),
+  ``prev_actions`` float32 ``[1,L,A]`` (normalised), ``first`` bool ``[1]`` (BOA block), ``pos`` int64 ``[1]``
+  (block index), ``cache_k``/``cache_v`` float32 ``[layers,1,H,S,hd]`` (read only) -> ``action_cond``
+  ``[1,L,D]``, ``frame_hidden`` ``[1,K_o,D]``, ``new_k``/``new_v`` ``[layers,1,H,Bl,hd]``. The host writes
+  ``new_k``/``new_v`` into its cache at slots ``K_t + pos * Bl ..``.
+- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,1,L,A]``, ``cond`` ``[1,L,D]`` -> ``actions``
+  ``[1,L,A]`` (the K denoiser calls unrolled, schedule constants baked in).
+- sampler, ``"loop"`` form: ``condition``: ``cond`` -> ``cond_k``/``cond_v``
+  ``[dit_depth,1,dit_heads,L,dit_hd]`` (cross-attention keys/values, once per control step) and
+  ``denoise``: ``x`` ``[1,L,A]``, ``k`` int64 ``[1]`` (step index into the baked schedule), ``z`` ``[1,L,A]``,
+  ``cond_k``, ``cond_v`` -> ``x_next`` ``[1,L,A]``, called K times by the runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from par_deploy.config import PARConfig
+from par_deploy.errors import ConfigError, ParError
+from par_deploy.normalize import Normalizer
+from par_deploy.runtime.policy import PolicySpec
+
+BUNDLE_FORMAT = "par-deploy-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TEXT_PREFIX_FILE = "text_prefix.npz"
+BACKENDS = ("onnx", "torchscript", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+SAMPLER_GRAPHS = ("unrolled", "loop")
+UNROLL_MAX_STEPS = (
+    16  # larger K uses the condition + denoise-step loop (export time and graph size grow with K)
+)
+CACHE_OVERFLOW = "error"
+ENGINE_DIRS = {"onnx": "onnx", "torchscript": "torchscript", "tensorrt": "tensorrt"}
+ENGINE_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "tensorrt": ".plan"}
+
+
+class BundleError(ParError):
+    """A bundle is missing a file, was modified, or does not match its manifest or the expected model."""
+
+
+class BackendUnavailable(ParError):
+    """The requested backend cannot run here (package missing, no CUDA device, unsupported precision)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# graph signatures
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "uint8", "float32", "int64", "bool"
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"graph {self.name!r} has no tensor {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> GraphSpec:
+        return cls(
+            name,
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+
+def cache_shape(cfg: PARConfig) -> tuple[int, ...]:
+    """``[layers, 1, heads, max_seq_len, head_dim]``: one static cache (keys or values) for batch 1."""
+    return (cfg.depth, 1, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
+
+
+def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, GraphSpec]:
+    """The signatures of every graph a bundle holds, derived from the config alone."""
+    if sampler_graph not in SAMPLER_GRAPHS:
+        raise ConfigError(f"sampler graph must be one of {SAMPLER_GRAPHS}, got {sampler_graph!r}")
+    L, A, D, hd = cfg.chunk_len, cfg.action_dim, cfg.dim, cfg.dim // cfg.heads
+    cache = cache_shape(cfg)
+    delta = (cfg.depth, 1, cfg.heads, cfg.block_len, hd)
+    step_in = [TensorSpec("rgb", "uint8", (1, cfg.num_cameras, cfg.image_size, cfg.image_size, 3))]
+    if cfg.state_dim:
+        step_in.append(TensorSpec("state", "float32", (1, cfg.state_dim)))
+    step_in += [
+        TensorSpec("prev_actions", "float32", (1, L, A)),
+        TensorSpec("first", "bool", (1,)),
+        TensorSpec("pos", "int64", (1,)),
+        TensorSpec("cache_k", "float32", cache),
+        TensorSpec("cache_v", "float32", cache),
+    ]
+    step_out = (
+        TensorSpec("action_cond", "float32", (1, L, D)),
+        TensorSpec("frame_hidden", "float32", (1, cfg.frame_tokens, D)),
+        TensorSpec("new_k", "float32", delta),
+        TensorSpec("new_v", "float32", delta),
+    )
+    specs = {"step": GraphSpec("step", tuple(step_in), step_out)}
+    cond = TensorSpec("cond", "float32", (1, L, D))
+    x = TensorSpec("x", "float32", (1, L, A))
+    if sampler_graph == "unrolled":
+        specs["sampler"] = GraphSpec(
+            "sampler",
+            (TensorSpec("noise", "float32", (steps + 1, 1, L, A)), cond),
+            (TensorSpec("actions", "float32", (1, L, A)),),
+        )
+    else:
+        ckv = (cfg.dit_depth, 1, cfg.dit_heads, L, cfg.dit_dim // cfg.dit_heads)
+        ck, cv = TensorSpec("cond_k", "float32", ckv), TensorSpec("cond_v", "float32", ckv)
+        specs["condition"] = GraphSpec("condition", (cond,), (ck, cv))
+        specs["denoise"] = GraphSpec(
+            "denoise",
+            (x, TensorSpec("k", "int64", (1,)), TensorSpec("z", "float32", (1, L, A)), ck, cv),
+            (TensorSpec("x_next", "float32", (1, L, A)),),
+        )
+    return specs
+
+
+def tensorrt_profiles(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
+    """TensorRT optimisation profiles from the manifest: ``{graph: {input: (min, opt, max)}}``.
+
+    Every shape is static, so min = opt = max = the manifest's shape (one profile per engine).
+    """
+    return {
+        g: {t["name"]: (tuple(t["shape"]),) * 3 for t in spec["inputs"]}
+        for g, spec in manifest["graphs"].items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files and hashes
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically (a reader never sees a half-written manifest)."""
+    tmp = root / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(root / MANIFEST_FILE)
+
+
+def file_entry(root: Path, path: Path) -> dict[str, Any]:
+    return {
+        "file": path.relative_to(root).as_posix(),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 over a checkpoint's config, weights and statistics (the same value as
+    ``par_deploy.checkpoint.checkpoint_hash``, computed without importing torch)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "normalization.json"):
+        p = Path(path) / name
+        if not p.is_file():
+            raise BundleError(
+                f"{p}: missing checkpoint file (cannot check which checkpoint a bundle was built from)"
+            )
+        h.update(name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verified bundle
+
+
+@dataclass
+class Bundle:
+    """A bundle directory whose manifest, files and hashes were checked (see ``open_bundle``)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: PARConfig
+    normalizer: Normalizer
+    graphs: dict[str, GraphSpec]
+    _prefix: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> PolicySpec:
+        c = self.config
+        return PolicySpec(
+            c.num_cameras,
+            c.image_size,
+            c.state_dim,
+            c.action_dim,
+            c.chunk_len,
+            c.max_blocks,
+            tuple(c.instructions),
+        )
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["sampler"]["steps"])
+
+    @property
+    def sampler_graph(self) -> str:
+        return self.manifest["sampler"]["graph"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def engine_path(self, backend: str, graph: str) -> Path:
+        try:
+            return self.path / self.manifest["engines"][backend][graph]["file"]
+        except KeyError:
+            raise BundleError(
+                f"{self.path / MANIFEST_FILE}: no {backend} engine for graph {graph!r}; re-export the bundle"
+            ) from None
+
+    def text_prefix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values ``[instructions, layers, 1, heads, K_t, head_dim]`` (float32), loaded once."""
+        if self._prefix is None:
+            path = self.path / self.manifest["text_prefix"]["file"]
+            with np.load(path) as z:
+                k, v = z["k"].astype(np.float32), z["v"].astype(np.float32)
+            c = self.config
+            expected = (len(c.instructions), c.depth, 1, c.heads, c.num_text_tokens, c.dim // c.heads)
+            for name, a in (("k", k), ("v", v)):
+                if a.shape != expected:
+                    raise BundleError(
+                        f"{path}: text-prefix {name} has shape {a.shape}, the manifest's config expects "
+                        f"{expected}; "
+                        "the file belongs to another model"
+                    )
+            self._prefix = (k, v)
+        return self._prefix
+
+
+def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """Read and structurally check ``manifest.json`` (format name and version); no file hashes."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: not a bundle directory (expected {MANIFEST_FILE} and engine files)")
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(
+            f"{path}: missing bundle manifest; export the bundle with par_deploy.export"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise BundleError(
+            f"{path}: not a par-deploy bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})"
+        )
+    version = m.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{path}: invalid format_version {version!r}")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version} is newer than this par-deploy supports "
+            f"({BUNDLE_FORMAT_VERSION}); upgrade par-deploy or re-export the bundle"
+        )
+    required = (
+        "checkpoint_hash",
+        "config",
+        "precision",
+        "backends",
+        "sampler",
+        "cache",
+        "graphs",
+        "engines",
+        "text_prefix",
+        "normalization",
+    )
+    missing = [k for k in required if k not in m]
+    if missing:
+        raise BundleError(f"{path}: manifest lacks the fields {missing}; re-export the bundle")
+    return m
+
+
+def _verify_file(root: Path, entry: dict[str, Any], what: str) -> None:
+    path = root / entry["file"]
+    if not path.is_file():
+        raise BundleError(f"{path}: missing {what} listed in {MANIFEST_FILE}")
+    size = path.stat().st_size
+    if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        raise BundleError(
+            f"{path}: {what} does not match the sha256 recorded in {MANIFEST_FILE} (modified, truncated, or "
+            "copied from another bundle); re-export the bundle"
+        )
+
+
+def open_bundle(
+    bundle_dir: str | Path, backend: str | None = None, checkpoint: str | Path | None = None
+) -> Bundle:
+    """Verify a bundle and return it.
+
+    Checks: manifest format and version; the config parses and the manifest's cache sizes and graph signatures
+    are the ones this config implies; the text prefix and (for ``backend``) every engine file exist and match
+    their sha256; with ``checkpoint``, that the bundle was exported from that checkpoint directory.
+    Raises ``BundleError`` naming the offending file.
+    """
+    root = Path(bundle_dir)
+    m = read_manifest(root)
+    mpath = root / MANIFEST_FILE
+    try:
+        cfg = PARConfig.from_dict(m["config"], source=f"{mpath}: config")
+    except (ConfigError, TypeError) as e:
+        raise BundleError(f"{mpath}: invalid model config ({e})") from None
+    if checkpoint is not None:
+        digest = checkpoint_digest(checkpoint)
+        if digest != m["checkpoint_hash"]:
+            raise BundleError(
+                f"{mpath}: bundle was exported from checkpoint {m['checkpoint_hash'][:12]}..., not from "
+                f"{checkpoint} "
+                f"({digest[:12]}...); export a bundle from this checkpoint"
+            )
+    sampler = m["sampler"]
+    if sampler.get("graph") not in SAMPLER_GRAPHS:
+        raise BundleError(f"{mpath}: unknown sampler graph {sampler.get('graph')!r}")
+    if m["precision"] not in PRECISIONS:
+        raise BundleError(f"{mpath}: unknown precision {m['precision']!r}")
+    expected = graph_specs(cfg, int(sampler["steps"]), sampler["graph"])
+    found = {name: GraphSpec.from_dict(name, d) for name, d in m["graphs"].items()}
+    if found != expected:
+        raise BundleError(
+            f"{mpath}: graph signatures {sorted(found)} do not match the model config in the same manifest "
+            "(edited manifest, or engines for another model); re-export the bundle"
+        )
+    cache = m["cache"]
+    want_cache = {
+        "layers": cfg.depth,
+        "heads": cfg.heads,
+        "head_dim": cfg.dim // cfg.heads,
+        "max_blocks": cfg.max_blocks,
+        "max_slots": cfg.max_seq_len,
+        "text_slots": cfg.num_text_tokens,
+        "block_len": cfg.block_len,
+    }
+    bad = {k: cache.get(k) for k, v in want_cache.items() if cache.get(k) != v}
+    if bad:
+        raise BundleError(f"{mpath}: cache sizes {bad} disagree with the model config {want_cache}")
+    if cache.get("overflow") != CACHE_OVERFLOW:
+        raise BundleError(f"{mpath}: unsupported cache overflow policy {cache.get('overflow')!r}")
+    if (
+        len(sampler.get("timesteps", [])) != sampler["steps"]
+        or len(sampler.get("coeffs", [])) != sampler["steps"]
+    ):
+        raise BundleError(f"{mpath}: sampler timesteps/coefficients do not have {sampler['steps']} entries")
+    if list(m["text_prefix"].get("instructions", [])) != list(cfg.instructions):
+        raise BundleError(f"{mpath}: text prefix instructions differ from the config's instructions")
+    try:
+        normalizer = Normalizer.from_dict(m["normalization"], source=f"{mpath}: normalization")
+    except (ParError, ValueError) as e:
+        raise BundleError(str(e)) from None
+    if normalizer.action_dim != cfg.action_dim or normalizer.state_dim != cfg.state_dim:
+        raise BundleError(
+            f"{mpath}: normalisation statistics do not match action_dim/state_dim of the config"
+        )
+    _verify_file(root, m["text_prefix"], "text prefix")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise BundleError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if backend not in m["backends"]:
+            raise BundleError(
+                f"{mpath}: the bundle has no {backend} engines (it has: "
+                f"{', '.join(m['backends']) or 'none'}); "
+                f"export it with backends=(..., {backend!r})"
+                + (
+                    " or build them with python -m par_deploy.export.tensorrt"
+                    if backend == "tensorrt"
+                    else ""
+                )
+            )
+        verify_engine_files(root, m, backend)
+    return Bundle(root, m, cfg, normalizer, expected)
+
+
+def verify_engine_files(root: Path, manifest: dict[str, Any], backend: str) -> None:
+    """Every engine file of ``backend`` (one per graph, plus external data) exists and matches its sha256."""
+    mpath = root / MANIFEST_FILE
+    engines = manifest["engines"].get(backend) or {}
+    if set(engines) != set(manifest["graphs"]):
+        raise BundleError(
+            f"{mpath}: {backend} engines {sorted(engines)} != graphs {sorted(manifest['graphs'])}"
+        )
+    for graph, entry in engines.items():
+        _verify_file(root, entry, f"{backend} engine for graph {graph!r}")
+        for extra in entry.get("external_data", []):
+            _verify_file(root, extra, f"external data of the {backend} {graph!r} graph")
+
+
+def check_io(path: Path, graph: GraphSpec, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Compare an engine's own input/output signature with the manifest's; ``BundleError`` names the file."""
+    for kind, want, got in (("inputs", graph.inputs, inputs), ("outputs", graph.outputs, outputs)):
+        want_d = {t.name: t for t in want}
+        got_d = {t.name: t for t in got}
+        if set(want_d) != set(got_d):
+            raise BundleError(
+                f"{path}: engine {kind} {sorted(got_d)} differ from the manifest's {sorted(want_d)} for "
+                f"graph {graph.name!r}; the file belongs to another model or export"
+            )
+        for name, t in want_d.items():
+            g = got_d[name]
+            if g.shape != t.shape or g.dtype != t.dtype:
+                raise BundleError(
+                    f"{path}: {kind[:-1]} {name!r} is {g.dtype}{list(g.shape)}, the manifest expects "
+                    f"{t.dtype}{list(t.shape)}; the file belongs to another model or config"
+                )

@@ -1,0 +1,57 @@
+"""What every bundle-backed policy shares: the verified bundle, the text prefix, the cache slot arithmetic."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+
+from par_deploy.runtime.bundle import Bundle
+from par_deploy.runtime.policy import Policy
+
+
+class BundlePolicy(Policy):
+    """A ``Policy`` running the graphs of a verified bundle.
+
+    The static KV-cache ``[layers, 1, H, S, hd]`` is allocated once; ``reset`` zeroes it and copies the
+    instruction's precomputed text prefix into slots ``0 .. K_t-1``; block ``n`` goes to slots
+    ``K_t + n*Bl .. K_t + (n+1)*Bl - 1``. Episodes longer than ``max_blocks`` raise ``CacheFullError``
+    (the manifest's overflow policy ``"error"``, enforced by ``Policy.act``).
+    """
+
+    backend: str = ""
+
+    def __init__(self, bundle: Bundle, seed: int = 0):
+        super().__init__(bundle.spec, bundle.normalizer, seed)
+        self.bundle = bundle
+        cache = bundle.manifest["cache"]
+        self.text_slots, self.block_len = int(cache["text_slots"]), int(cache["block_len"])
+        self._prefix_k, self._prefix_v = bundle.text_prefix()
+        self._instructions = list(bundle.config.instructions)
+
+    @property
+    def denoise_steps(self) -> int:
+        return self.bundle.steps
+
+    @property
+    def sampler_graph(self) -> str:
+        return self.bundle.sampler_graph
+
+    def slot(self, step: int) -> int:
+        """First cache slot of block ``step``."""
+        return self.text_slots + step * self.block_len
+
+    def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
+        i = self._instructions.index(instruction)
+        return self._prefix_k[i], self._prefix_v[i]
+
+    @property
+    @abstractmethod
+    def last_action_cond(self) -> np.ndarray:
+        """The Action-DiT condition ``[L, D]`` of the last ``act`` call (a copy)."""
+
+    @property
+    @abstractmethod
+    def last_frame_hidden(self) -> np.ndarray:
+        """The frame-part hidden states ``[K_o, D]`` of the last ``act`` call (a copy)."""

@@ -1,0 +1,181 @@
+"""ONNX Runtime backend (numpy + onnxruntime only: no torch).
+
+Every graph input and output is a preallocated numpy buffer wrapped once in an ``OrtValue`` (which shares
+the numpy memory on CPU) and bound with ``IOBinding``: nothing is allocated per step and the cache is never
+copied whole:
+
+- the step graph reads the cache buffers in place and writes only the new block's keys/values; the host
+  copies that delta into the cache at the block's slots (DESIGN §4: the fastest CPU path measured);
+- the step graph's ``action_cond`` buffer is bound directly as the sampler's ``cond`` input;
+- in the loop form, ``condition`` writes ``cond_k``/``cond_v`` buffers that ``denoise`` reads, and ``x`` /
+  ``x_next`` ping-pong between two buffers (two bindings).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec, check_io
+from par_deploy.runtime.engine import BundlePolicy
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+    "tensor(int32)": "int32",
+}
+_ALIASES = {"cond": "action_cond"}  # sampler/condition input ``cond`` is the step's ``action_cond`` buffer
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        msg = f"the onnx backend needs onnxruntime: pip install onnxruntime ({e})"
+        raise BackendUnavailable(msg) from None
+    return onnxruntime
+
+
+def session_options(threads: int | None):
+    """One intra-op thread by default: on a shared machine more threads can be much slower (DESIGN §7)."""
+    ort = _import_ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1 if threads is None else int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
+def _signature(args) -> list[TensorSpec]:
+    out = []
+    for a in args:
+        shape = tuple(d if isinstance(d, int) else -1 for d in a.shape)
+        out.append(TensorSpec(a.name, _ORT_TYPES.get(a.type, a.type), shape))
+    return out
+
+
+class OnnxPolicy(BundlePolicy):
+    """Runs a bundle's ONNX graphs with ONNX Runtime (CPU by default).
+
+    ``threads``: intra-op threads per session (None: 1). ``providers``: ONNX Runtime execution providers
+    (default ``["CPUExecutionProvider"]``; buffers live in host memory, so other providers copy per call).
+    """
+
+    backend = "onnx"
+
+    def __init__(
+        self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None
+    ):
+        if bundle.precision != "fp32":
+            raise BackendUnavailable(
+                f"{bundle.path}: bundle precision is {bundle.precision}; the ONNX Runtime CPU backend runs "
+                "fp32 only (re-export with precision='fp32', or use the tensorrt backend for fp16)"
+            )
+        super().__init__(bundle, seed)
+        ort = _import_ort()
+        self._ort = ort
+        so = session_options(threads)
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {}
+        for name, spec in bundle.graphs.items():
+            path = bundle.engine_path("onnx", name)
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+                raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({e})") from None
+            check_io(path, spec, _signature(sess.get_inputs()), _signature(sess.get_outputs()))
+            self.sessions[name] = sess
+
+        # one buffer per tensor name (shared across graphs), each wrapped once in an OrtValue
+        self.buffers: dict[str, np.ndarray] = {}
+        self._values: dict[str, object] = {}
+        for spec in bundle.graphs.values():
+            for t in spec.inputs + spec.outputs:
+                key = _ALIASES.get(t.name, t.name)
+                if key not in self.buffers and key != "x_next":  # x_next: bound to x / x_alt below
+                    self._add_buffer(key, t)
+        if bundle.sampler_graph == "loop":
+            self._add_buffer("x_alt", bundle.graphs["denoise"].tensor("x"))
+
+        self._bindings = {}
+        for name in bundle.graphs:
+            if name != "denoise":
+                self._bindings[name] = self._bind(name, {})
+        if bundle.sampler_graph == "loop":  # ping-pong: x -> x_alt, then x_alt -> x
+            self._bindings["denoise_even"] = self._bind("denoise", {"x": "x", "x_next": "x_alt"})
+            self._bindings["denoise_odd"] = self._bind("denoise", {"x": "x_alt", "x_next": "x"})
+        self._cache_k, self._cache_v = self.buffers["cache_k"], self.buffers["cache_v"]
+        self._new_k, self._new_v = self.buffers["new_k"], self.buffers["new_v"]
+
+    def _add_buffer(self, key: str, t: TensorSpec) -> None:
+        buf = np.zeros(t.shape, dtype=np.dtype(t.dtype))
+        self.buffers[key] = buf
+        self._values[key] = self._ort.OrtValue.ortvalue_from_numpy(buf)
+
+    def _bind(self, graph: str, rename: dict[str, str]):
+        sess = self.sessions[graph]
+        spec = self.bundle.graphs[graph]
+        io = sess.io_binding()
+        for t in spec.inputs:
+            io.bind_ortvalue_input(t.name, self._values[rename.get(t.name, _ALIASES.get(t.name, t.name))])
+        for t in spec.outputs:
+            io.bind_ortvalue_output(t.name, self._values[rename.get(t.name, t.name)])
+        return sess, io
+
+    def _run(self, binding: str) -> None:
+        sess, io = self._bindings[binding]
+        sess.run_with_iobinding(io)
+
+    # -- Policy hooks ------------------------------------------------------------------------------
+    def _reset(self, instruction: str) -> None:
+        k, v = self.prefix(instruction)
+        Kt = self.text_slots
+        for cache, pre in ((self._cache_k, k), (self._cache_v, v)):
+            cache.fill(0.0)
+            cache[:, :, :, :Kt] = pre
+
+    def step_block(
+        self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int
+    ) -> None:
+        """Append block ``step`` to the cache; fills the ``action_cond`` / ``frame_hidden`` buffers."""
+        b = self.buffers
+        b["rgb"][0] = rgb
+        if "state" in b:
+            b["state"][0] = state
+        b["prev_actions"][0] = prev_chunk
+        b["first"][0] = first
+        b["pos"][0] = step
+        self._run("step")
+        s = self.slot(step)  # Policy.act guarantees step < max_blocks, so the block fits
+        self._cache_k[:, :, :, s : s + self.block_len] = self._new_k
+        self._cache_v[:, :, :, s : s + self.block_len] = self._new_v
+
+    def sample(self, noise: np.ndarray) -> np.ndarray:
+        """Sample a normalised chunk ``[L, A]`` from the current ``action_cond``; noise ``[K+1, L, A]``."""
+        b = self.buffers
+        if self.sampler_graph == "unrolled":
+            b["noise"][:, 0] = noise
+            self._run("sampler")
+            return b["actions"][0].copy()
+        self._run("condition")
+        b["x"][0] = noise[0]
+        for k in range(self.denoise_steps):
+            b["k"][0] = k
+            b["z"][0] = noise[k + 1]
+            self._run("denoise_even" if k % 2 == 0 else "denoise_odd")
+        return (b["x_alt"] if self.denoise_steps % 2 else b["x"])[0].copy()
+
+    def _act(self, rgb, state, prev_chunk, first, step, noise):
+        self.step_block(rgb, state, prev_chunk, first, step)
+        return self.sample(noise)
+
+    @property
+    def last_action_cond(self) -> np.ndarray:
+        return self.buffers["action_cond"][0].copy()
+
+    @property
+    def last_frame_hidden(self) -> np.ndarray:
+        return self.buffers["frame_hidden"][0].copy()
