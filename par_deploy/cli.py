@@ -25,10 +25,10 @@ def info(
 @app.command()
 def demo(
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to run (default: the shipped one).")] = None,
-    steps: Annotated[int, typer.Option(help="Control steps to run (each returns one action chunk).")] = 6,
+    steps: Annotated[int, typer.Option(help="Control steps to run (0: the whole episode).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the observations and the sampling noise.")] = 0,
 ) -> None:
-    """The main job on the embedded default: load the policy, run an episode-shaped rollout, report it."""
+    """The main job on the embedded default: export the checkpoint to ONNX, drive a ManiSkill episode with it."""
     from par_deploy.describe import run_demo
 
     run_demo(checkpoint, steps, seed)
