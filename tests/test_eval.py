@@ -1,0 +1,466 @@
+"""``par-deploy eval``: statistics, the results file (resume, refusal), episodes against a fake environment with a
+tiny untrained TorchPolicy (CacheFullError, crashed/hung workers), an engine against its reference, and (marked
+``sim``) a real ManiSkill evaluation through the CLI."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from par_deploy.checkpoint import save_pretrained
+from par_deploy.config import preset
+from par_deploy.evaluate import (
+    EVAL_SEED_BASE,
+    EpisodeJob,
+    EpisodeRunner,
+    EvalError,
+    EvalMismatch,
+    PolicySource,
+    RolloutSetup,
+    compare_runs,
+    completed,
+    episode_jobs,
+    evaluate,
+    load_resume,
+    newcombe_interval,
+    parse_seeds,
+    summarize,
+    wilson_interval,
+)
+from par_deploy.model.par import PARModel
+from par_deploy.normalize import Normalizer
+from par_deploy.reference import TorchPolicy
+from par_deploy.sim.env import TASKS
+
+INSTRUCTION = TASKS["PushCube"].instruction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
+    # scipy.stats.binomtest(k, n).proportion_ci(method="wilson"); 81/263 is Newcombe's (1998) example
+    (0, 10, 0.0, 0.27753279986288926),
+    (8, 10, 0.4901624715366418, 0.9433178485456248),
+    (10, 10, 0.7224672001371109, 1.0),
+    (91, 125, 0.644064961834957, 0.7983392186340461),
+    (1, 2, 0.09453120573423074, 0.9054687942657693),
+    (81, 263, 0.2552885198782742, 0.36620957698280004),
+])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-9)
+
+
+def test_wilson_edge_cases_and_newcombe():
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    assert wilson_interval(0, 3)[0] == 0.0 and wilson_interval(3, 3)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    # Newcombe (1998), example (a): 56/70 - 48/80, method 10: 0.0524 to 0.3339
+    lo, hi = newcombe_interval(56, 70, 48, 80)
+    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
+
+
+def test_parse_seeds_and_protocol_order():
+    assert parse_seeds(None) == (0, 1, 2, 3, 4)
+    assert parse_seeds("0-4") == (0, 1, 2, 3, 4)
+    assert parse_seeds("0-2,7") == (0, 1, 2, 7)
+    assert parse_seeds([3, 1]) == (3, 1)
+    for bad in ("", "1,1", "a", "-1"):
+        with pytest.raises(EvalError):
+            parse_seeds(bad)
+    jobs = episode_jobs(125, parse_seeds("0-4"))
+    assert len(jobs) == 125 and len({j.key for j in jobs}) == 125
+    assert {j.state for j in jobs} == set(range(25)) and {j.policy_seed for j in jobs} == set(range(5))
+    assert [j.key for j in jobs[:7]] == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1)]
+    assert [j.key for j in episode_jobs(7, (0, 1, 2, 3, 4))] == [j.key for j in jobs[:7]]  # a prefix
+
+
+def _rec(state, seed, once, end, length=10, step=None, act=(1.0, 2.0), error=None, **kw):
+    return {"index": state * 5 + seed, "state": state, "policy_seed": seed, "success_once": once,
+            "success_at_end": end, "success_step": step, "length": length, "act_ms": list(act), "error": error,
+            "seconds": 1.0, **kw}
+
+
+def test_summary_maths():
+    recs = [
+        _rec(0, 0, True, True, length=100, step=40, act=(1, 2, 3, 4)),
+        _rec(0, 1, True, False, length=100, step=60, act=(5, 6)),
+        _rec(1, 0, False, False, length=32, act=(7,), error="CacheFullError: full"),
+        _rec(1, 1, False, False, length=0, act=(), error="worker failed 3 times: x", crashed=True, attempts=3),
+    ]
+    s = summarize(recs)
+    assert s["episodes"] == 4
+    assert s["success_once"]["successes"] == 2 and s["success_once"]["rate"] == 0.5
+    assert s["success_once"]["ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+    assert s["success_at_end"]["successes"] == 1 and s["success_at_end"]["rate"] == 0.25
+    assert s["length"] == {"mean": pytest.approx(232 / 3), "min": 32.0, "max": 100.0}  # crashed: not stepped
+    assert s["success_step"] == {"mean": 50.0, "min": 40.0, "max": 60.0}
+    assert s["act_ms"]["calls"] == 7 and s["act_ms"]["p50"] == 4.0
+    assert s["act_ms"]["p90"] == pytest.approx(np.percentile([1, 2, 3, 4, 5, 6, 7], 90))
+    assert s["errors"] == {"CacheFullError": 1, "crashed": 1} and s["crashed"] == 1 and s["retried"] == 1
+    # stop_on_success runs do not measure success_at_end
+    assert summarize([_rec(0, 0, True, None)])["success_at_end"] is None
+
+
+def test_compare_runs_pairs_by_state_and_seed():
+    a = [_rec(0, 0, True, True, first_chunk=[[0.0, 1.0]], first_obs_sha1="x"),
+         _rec(0, 1, True, True, first_chunk=[[0.5, 0.5]], first_obs_sha1="y"),
+         _rec(1, 0, False, False, first_chunk=[[0.0, 0.0]], first_obs_sha1="z")]
+    b = [_rec(0, 1, False, False, first_chunk=[[0.5, 0.25]], first_obs_sha1="y"),
+         _rec(0, 0, True, True, first_chunk=[[0.0, 1.5]], first_obs_sha1="x")]
+    c = compare_runs(a, b)
+    assert c["paired_episodes"] == 2
+    assert c["success_once"]["difference"] == 0.5 and c["success_once"]["only_a"] == 1
+    assert c["success_once"]["only_b"] == 0
+    assert c["first_chunk_max_abs_diff"] == 0.5 and c["first_chunk_compared"] == 2
+    assert c["first_obs_identical"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results file
+
+
+PROTOCOL = {"task": "PushCube", "max_steps": 100, "policy_seeds": [0, 1, 2, 3, 4], "state_seed_base": EVAL_SEED_BASE}
+POLICY = {"kind": "checkpoint", "checkpoint_hash": "abc", "sampler": "ddim", "steps": 10}
+
+
+def test_resume_file_logic(tmp_path):
+    path = tmp_path / "r.json"
+    doc = load_resume(path, PROTOCOL, {"reference": POLICY})  # no file yet: a new document
+    assert doc["runs"] == {} and doc["protocol"] == PROTOCOL
+    doc["runs"]["reference"] = {"policy": POLICY, "episodes": [
+        _rec(0, 0, True, True), _rec(0, 1, False, False, error="worker failed 3 times: x", crashed=True)]}
+    path.write_text(json.dumps(doc))
+    again = load_resume(path, PROTOCOL, {"reference": POLICY, "engine": {**POLICY, "kind": "engine"}})
+    assert list(completed(again, "reference")) == [(0, 0)]  # crashed episodes are re-run
+    assert completed(again, "engine") == {}
+
+    with pytest.raises(EvalMismatch, match="max_steps: 100 in the file vs 50 now"):
+        load_resume(path, {**PROTOCOL, "max_steps": 50}, {"reference": POLICY})
+    with pytest.raises(EvalMismatch, match="checkpoint_hash"):
+        load_resume(path, PROTOCOL, {"reference": {**POLICY, "checkpoint_hash": "def"}})
+    path.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(EvalMismatch, match="not a par-deploy evaluation file"):
+        load_resume(path, PROTOCOL, {"reference": POLICY})
+    path.write_text("{truncated")
+    with pytest.raises(EvalMismatch, match="not a readable results file"):
+        load_resume(path, PROTOCOL, {"reference": POLICY})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A fake environment (the ParEnv interface) and a tiny untrained checkpoint
+
+
+class FakeEnv:
+    """ParEnv interface with 1 camera, state 16, action 4; ``info["success"]`` from step ``success_from`` on
+    (``success_until`` ends it). ``faults`` maps an env seed to ``exit``, ``raise``, ``hang``, ``interrupt``;
+    with ``marker_dir`` a fault fires only on its first occurrence (a marker file remembers it across
+    processes)."""
+
+    def __init__(self, task, *, control_mode, image_size, max_episode_steps, success_from=None, success_until=None,
+                 faults=None, marker_dir=None):
+        self.spec = TASKS[task]
+        self.control_mode, self.image_size, self.max_episode_steps = control_mode, image_size, max_episode_steps
+        self.num_cameras, self.state_dim, self.action_dim = 1, 16, 4
+        self.success_from, self.success_until = success_from, success_until
+        self.faults, self.marker_dir = faults or {}, marker_dir
+        self.t, self.seed, self.closed = 0, None, False
+
+    def _obs(self):
+        g = np.random.default_rng([self.seed, self.t])
+        return {"rgb": g.integers(0, 256, (1, self.image_size, self.image_size, 3), dtype=np.uint8),
+                "state": g.standard_normal(16).astype(np.float32)}
+
+    def _fault(self, seed):
+        kind = self.faults.get(seed - EVAL_SEED_BASE)
+        if kind is None:
+            return
+        if self.marker_dir is not None:
+            marker = Path(self.marker_dir) / f"fired-{seed}"
+            if marker.exists():
+                return
+            marker.write_text(str(os.getpid()))
+        if kind == "exit":
+            os._exit(3)
+        if kind == "hang":
+            time.sleep(3600)
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        raise RuntimeError(f"simulated simulator failure at seed {seed}")
+
+    def reset(self, seed):
+        self._fault(seed)
+        self.t, self.seed = 0, seed
+        return self._obs()
+
+    def step(self, action):
+        assert action.shape == (4,) and action.dtype == np.float32
+        self.t += 1
+        ok = self.success_from is not None and self.t >= self.success_from
+        ok = ok and (self.success_until is None or self.t < self.success_until)
+        return self._obs(), 0.0, False, self.t >= self.max_episode_steps, {"success": ok}
+
+    def close(self):
+        self.closed = True
+
+
+def _checkpoint(path, seed=0, **overrides):
+    kw = {"state_dim": 16, "action_dim": 4, "instructions": (INSTRUCTION,), "beta_schedule": "linear", **overrides}
+    cfg = preset("tiny", **kw)
+    torch.manual_seed(seed)
+    model = PARModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_pretrained(model, Normalizer.identity(cfg.action_dim, cfg.state_dim), path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("eval") / "ckpt")  # max_blocks 8 x chunk 4 = 32 env steps
+
+
+def _evaluate(ckpt, tmp_path, *, env=None, **kw):
+    kw.setdefault("episodes", 2)
+    kw.setdefault("max_steps", 12)
+    kw.setdefault("workers", 0)
+    env = env or functools.partial(FakeEnv, success_from=5)
+    return evaluate("PushCube", PolicySource.checkpoint(ckpt), env_factory=env, progress=False, **kw)
+
+
+def test_episodes_run_and_record_both_success_metrics(ckpt, tmp_path):
+    res = _evaluate(ckpt, tmp_path, episodes=3, seeds=(0, 1), json_path=tmp_path / "r.json")
+    recs = res.main.episodes
+    assert [(r["state"], r["policy_seed"], r["env_seed"]) for r in recs] == [
+        (0, 0, EVAL_SEED_BASE), (0, 1, EVAL_SEED_BASE), (1, 0, EVAL_SEED_BASE + 1)]
+    for r in recs:
+        assert r["success_once"] and r["success_at_end"] and r["success_step"] == 5
+        assert r["length"] == 12 and r["control_steps"] == 3 and len(r["act_ms"]) == 3  # chunks of 4
+        assert r["error"] is None and r["attempts"] == 1 and np.asarray(r["first_chunk"]).shape == (4, 4)
+    # same state, same first observation; different noise seeds, different first chunks
+    assert recs[0]["first_obs_sha1"] == recs[1]["first_obs_sha1"] != recs[2]["first_obs_sha1"]
+    assert not np.allclose(recs[0]["first_chunk"], recs[1]["first_chunk"])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["format"] == "par-eval" and doc["protocol"]["max_steps"] == 12
+    assert doc["protocol"]["policy_seeds"] == [0, 1] and doc["protocol"]["control_mode"] == "pd_ee_delta_pos"
+    run = doc["runs"]["reference"]
+    assert run["summary"]["success_once"]["rate"] == 1.0 and len(run["episodes"]) == 3
+    assert run["policy"]["kind"] == "checkpoint" and run["policy"]["steps"] == 4
+    assert doc["machine"]["cpu_count"] == os.cpu_count() and "numpy" in doc["machine"]["packages"]
+
+    # success that does not last: success_once, not success_at_end; stop_on_success ends the episode there
+    flicker = functools.partial(FakeEnv, success_from=3, success_until=6)
+    r = _evaluate(ckpt, tmp_path, episodes=1, env=flicker).main.episodes[0]
+    assert (r["success_once"], r["success_at_end"], r["success_step"], r["length"]) == (True, False, 3, 12)
+    r = _evaluate(ckpt, tmp_path, episodes=1, env=flicker, stop_on_success=True).main.episodes[0]
+    assert (r["success_once"], r["success_at_end"], r["length"]) == (True, None, 3)
+
+
+def test_same_seeds_same_rollout(ckpt, tmp_path):
+    """The protocol is deterministic: same state and policy seed -> the same actions, in any run."""
+    a = _evaluate(ckpt, tmp_path, episodes=2).main.episodes
+    b = _evaluate(ckpt, tmp_path, episodes=2).main.episodes
+    assert [r["first_chunk"] for r in a] == [r["first_chunk"] for r in b]
+
+
+def test_cache_full_ends_the_episode_as_a_recorded_failure(ckpt, tmp_path):
+    # the tiny policy's cache holds 8 chunks of 4 actions = 32 env steps; the limit is 40
+    res = _evaluate(ckpt, tmp_path, episodes=2, max_steps=40, env=functools.partial(FakeEnv, success_from=10))
+    for r in res.main.episodes:
+        assert r["error"].startswith("CacheFullError") and r["length"] == 32 and r["control_steps"] == 8
+        assert r["success_once"] and r["success_at_end"] is False and r["success_step"] == 10
+    s = res.main.summary
+    assert s["errors"] == {"CacheFullError": 2} and s["success_at_end"]["rate"] == 0.0 and s["crashed"] == 0
+
+
+def test_interrupted_evaluation_resumes_and_refuses_other_settings(ckpt, tmp_path):
+    path = tmp_path / "r.json"
+    broken = functools.partial(FakeEnv, success_from=5, faults={2: "interrupt"})
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), json_path=path, env=broken)
+    done = json.loads(path.read_text())["runs"]["reference"]["episodes"]
+    assert [r["state"] for r in done] == [0, 1]  # written after every episode
+
+    res = _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), json_path=path)
+    assert res.skipped == {"reference": 2}
+    assert [r["state"] for r in res.main.episodes] == [0, 1, 2, 3]
+    assert res.main.episodes[:2] == done  # kept as they were, not re-run
+    assert res.main.summary["episodes"] == 4
+
+    with pytest.raises(EvalMismatch, match="max_steps"):
+        _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), json_path=path, max_steps=8)
+    with pytest.raises(EvalMismatch, match="policy_seeds"):
+        _evaluate(ckpt, tmp_path, episodes=4, seeds=(1,), json_path=path)
+    other = _checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(EvalMismatch, match="checkpoint_hash"):
+        evaluate("PushCube", PolicySource.checkpoint(other), episodes=1, seeds=(0,), max_steps=12, workers=0,
+                 json_path=path, env_factory=FakeEnv, progress=False)
+    with pytest.raises(EvalMismatch, match="steps"):  # same checkpoint, another sampler setting
+        evaluate("PushCube", PolicySource.checkpoint(ckpt, steps=2), episodes=1, seeds=(0,), max_steps=12,
+                 workers=0, json_path=path, env_factory=FakeEnv, progress=False)
+
+
+def test_refuses_a_policy_for_another_task_or_embodiment(ckpt, tmp_path):
+    with pytest.raises(EvalError, match="instruction"):
+        evaluate("StackCube", PolicySource.checkpoint(ckpt), episodes=1, workers=0, env_factory=FakeEnv,
+                 progress=False)
+    wrong = _checkpoint(tmp_path / "wrong", state_dim=3)
+    with pytest.raises(EvalError, match="state_dim: policy 3 vs environment 16"):
+        evaluate("PushCube", PolicySource.checkpoint(wrong), episodes=1, max_steps=4, workers=0,
+                 env_factory=FakeEnv, progress=False)
+
+
+class _PredictingPolicy(TorchPolicy):
+    """Exposes the optional ``predict_frame()`` (here a constant grey frame)."""
+
+    def predict_frame(self):
+        s = self.spec
+        return np.full((s.num_cameras, s.image_size, s.image_size, 3), 128, np.uint8)
+
+
+def test_video_of_real_and_predicted_frames(ckpt, tmp_path):
+    import imageio.v2 as imageio
+
+    setup = RolloutSetup(task="PushCube", policy=PolicySource.checkpoint(ckpt), instruction=INSTRUCTION,
+                         control_mode="pd_ee_delta_pos", image_size=16, max_steps=8, video_dir=str(tmp_path / "v"),
+                         label="reference")
+    env = FakeEnv("PushCube", control_mode="pd_ee_delta_pos", image_size=16, max_episode_steps=8)
+    runner = EpisodeRunner(setup, policy=_PredictingPolicy.from_pretrained(ckpt), env=env)
+    rec = runner.run(EpisodeJob(0, 3, 1))
+    assert rec["video"].endswith("PushCube_reference_state003_seed1.mp4")
+    real = imageio.mimread(rec["video"])
+    both = imageio.mimread(rec["video_predicted"])
+    assert len(real) == len(both) == 9  # first observation + 8 steps
+    assert real[0].shape[:2] == (16, 16) and both[0].shape[:2] == (16, 32)  # real | predicted side by side
+    assert abs(float(both[4][:, 16:].mean()) - 128) < 8
+    # without predict_frame only the real video is written
+    runner = EpisodeRunner(setup, policy=TorchPolicy.from_pretrained(ckpt), env=env)
+    assert "video_predicted" not in runner.run(EpisodeJob(1, 4, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker pool: crashes, exceptions and hangs are retried and reported
+
+
+def test_crashed_and_hung_workers_are_restarted_and_reported(ckpt, tmp_path):
+    # state 1: the process exits once; state 2: the env raises on every attempt; state 3: hangs once
+    env = functools.partial(_FaultyEnv, success_from=5, faults={1: "exit", 3: "hang"}, always={2: "raise"},
+                            marker_dir=str(tmp_path))
+    path = tmp_path / "r.json"
+    t0 = time.perf_counter()
+    res = _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=1, json_path=path,
+                    env=env)
+    elapsed = time.perf_counter() - t0
+    recs = {r["state"]: r for r in res.main.episodes}
+    assert sorted(recs) == [0, 1, 2, 3]  # nothing dropped
+    assert recs[0]["attempts"] == 1 and recs[0]["success_once"]
+    assert recs[1]["attempts"] == 2 and "died (exit code 3)" in recs[1]["retry_reasons"][0] and recs[1]["success_once"]
+    assert recs[2]["crashed"] and not recs[2]["success_once"] and recs[2]["attempts"] == 2
+    assert all("RuntimeError: simulated simulator failure" in x for x in recs[2]["retry_reasons"])
+    assert recs[3]["attempts"] == 2 and "timed out" in recs[3]["retry_reasons"][0] and recs[3]["success_once"]
+    s = res.main.summary
+    assert s["crashed"] == 1 and s["retried"] == 3 and s["success_once"]["successes"] == 3
+    assert len({recs[k]["pid"] for k in (0, 1, 3)}) == 3  # restarted workers
+    saved = json.loads(path.read_text())["runs"]["reference"]["episodes"]
+    assert [r["attempts"] for r in saved] == [1, 2, 2, 2]
+    assert elapsed < 120
+
+    # resuming re-runs only the crashed episode (still failing here: recorded again, never dropped)
+    res = _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=0, json_path=path,
+                    env=env)
+    assert res.skipped == {"reference": 3} and res.main.summary["crashed"] == 1
+
+
+class _FaultyEnv(FakeEnv):
+    """``faults`` fire once (marker files); ``always`` fire on every attempt."""
+
+    def __init__(self, *args, always=None, **kw):
+        super().__init__(*args, **kw)
+        self.always = always or {}
+
+    def reset(self, seed):
+        if self.always.get(seed - EVAL_SEED_BASE) == "raise":
+            raise RuntimeError(f"simulated simulator failure at seed {seed}")
+        return super().reset(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Engine against its reference (needs par_deploy.export.load_policy)
+
+
+def test_engine_compare_with_reference(ckpt, tmp_path):
+    try:
+        from par_deploy.export import export_bundle, load_policy  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"par_deploy.export.load_policy is not available yet ({e})")
+    from par_deploy.evaluate import reference_for
+
+    bundle = tmp_path / "bundle"
+    export_bundle(ckpt, bundle, backends=("onnx",), denoise_steps=4, progress=False)
+    engine = PolicySource.engine(bundle, backend="onnx")
+    ref = reference_for(engine)  # the manifest's source checkpoint, with the bundle's sampler and K
+    assert Path(ref.path) == Path(ckpt) and ref.steps == 4
+    res = evaluate("PushCube", engine, reference=ref, episodes=2, max_steps=12, workers=0, env_factory=FakeEnv,
+                   json_path=tmp_path / "r.json", progress=False)
+    assert list(res.runs) == ["engine", "reference"]
+    c = res.compare
+    assert c["paired_episodes"] == 2 and c["first_chunk_compared"] == 2 and c["first_obs_identical"] == 2
+    assert c["first_chunk_max_abs_diff"] < 1e-4
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["compare"]["first_chunk_max_abs_diff"] == c["first_chunk_max_abs_diff"]
+    assert doc["runs"]["engine"]["policy"]["kind"] == "engine"
+    other = _checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(EvalError, match="not the checkpoint"):
+        reference_for(engine, other)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The simulator
+
+
+@pytest.mark.sim
+def test_cli_eval_in_maniskill(tmp_path):
+    from typer.testing import CliRunner
+
+    from par_deploy.cli import app
+
+    # tiny preset at the task's sizes; the cache covers the task's 100 steps (25 chunks of 4, + 1)
+    ckpt = _checkpoint(tmp_path / "ckpt", image_size=64, max_blocks=26)
+    out = tmp_path / "r.json"
+    args = ["eval", "--task", "PushCube", "--checkpoint", str(ckpt), "--episodes", "2", "--max-steps", "16",
+            "--workers", "1", "--json", str(out), "--video", str(tmp_path / "video")]
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    elapsed = time.perf_counter() - t0
+    doc = json.loads(out.read_text())
+    run = doc["runs"]["reference"]
+    assert doc["protocol"]["env_id"] == "PushCube-v1" and doc["protocol"]["image_size"] == 64
+    assert [(r["state"], r["policy_seed"], r["env_seed"]) for r in run["episodes"]] == [
+        (0, 0, EVAL_SEED_BASE), (0, 1, EVAL_SEED_BASE)]
+    for r in run["episodes"]:
+        assert r["length"] == 16 and r["control_steps"] == 4 and r["error"] is None
+        assert isinstance(r["success_once"], bool) and isinstance(r["success_at_end"], bool)
+        assert Path(r["video"]).stat().st_size > 0
+    assert run["episodes"][0]["first_obs_sha1"] == run["episodes"][1]["first_obs_sha1"]  # reset is deterministic
+    assert run["summary"]["episodes"] == 2 and run["summary"]["act_ms"]["calls"] == 8
+    assert doc["command"]["episodes"] == 2 and doc["machine"]["packages"]["mani-skill"]
+    assert "success_once" in result.output
+    print(f"2 PushCube episodes of 16 steps in {elapsed:.1f} s (incl. worker start-up)")
+
+    # a second run resumes: nothing left to do
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["runs"]["reference"]["episodes"] == run["episodes"]
