@@ -85,6 +85,15 @@ class TorchPolicy(Policy):
     def last_frame_hidden(self) -> np.ndarray:
         return self.model.split_block(self._hidden)[0][0].numpy().copy()
 
+    @torch.no_grad()
+    def predict_frame(self, steps: int = 4) -> np.ndarray:
+        """The frame de-tokenizer's prediction of the next frame from the last block, uint8 ``[V, H, W, 3]``
+        (noise from the policy's RNG; used by ``par-deploy eval --video``)."""
+        c = self.model.cfg
+        noise = torch.from_numpy(self._rng.standard_normal((steps + 1, 1, c.frame_tokens, c.frame_token_dim)))
+        h_frames = self.model.split_block(self._hidden)[0]
+        return self.model.predict_frame(h_frames, self.model.sampler("ddim", steps), noise.float())[0].numpy()
+
     def block_hidden(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool,
                      step: int) -> torch.Tensor:
         """``step_block`` returning the block's hidden states ``[1, Bl, D]``."""

@@ -155,3 +155,12 @@ def test_patch_codec_round_trip():
     model = PARModel(cfg)
     rgb = torch.randint(0, 256, (2, 1, 16, 16, 3), dtype=torch.uint8)
     assert torch.equal(model.codec.decode(model.codec.encode_target(rgb)), rgb)
+
+
+def test_reference_policy_predicts_the_next_frame(tiny_model):
+    cfg = tiny_model.cfg
+    policy = TorchPolicy(tiny_model, Normalizer.identity(cfg.action_dim, cfg.state_dim))
+    policy.reset()
+    policy.act({"rgb": np.zeros((1, 16, 16, 3), np.uint8), "state": np.zeros(cfg.state_dim, np.float32)})
+    frame = policy.predict_frame(steps=2)
+    assert frame.shape == (1, 16, 16, 3) and frame.dtype == np.uint8
