@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -101,14 +102,24 @@ def export(
     backend: Annotated[list[str], typer.Option(help="onnx, torchscript, tensorrt (repeatable).")] = ["onnx"],  # noqa: B006
     denoise_steps: Annotated[int, typer.Option(help="K: Action-DiT denoiser calls per chunk.")] = 4,
     sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 (where the backend supports it).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 (fp16: TensorRT only).")] = "fp32",
+    sampler_graph: Annotated[str, typer.Option(help="auto, unrolled (K steps in one graph) or loop.")] = "auto",
+    onnx_exporter: Annotated[str, typer.Option(help="dynamo or legacy torch.onnx exporter.")] = "dynamo",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle in OUT.")] = False,
+    report_json: Annotated[Path | None, typer.Option(help="Also write the export report as JSON.")] = None,
 ) -> None:
-    """Compile a checkpoint into an engine bundle (static KV-cache step + few-step Action-DiT sampler)."""
+    """Compile a checkpoint into an engine bundle (static KV-cache step + few-step Action-DiT sampler).
+
+    Ends with a parity report: each backend against the PyTorch reference with the same noise.
+    """
     from par_deploy.export import export_bundle
 
     report = export_bundle(checkpoint, out, backends=tuple(backend), denoise_steps=denoise_steps,
-                           sampler=sampler, precision=precision)
-    typer.echo(str(report))
+                           sampler=sampler, precision=precision, sampler_graph=sampler_graph,
+                           onnx_exporter=onnx_exporter, overwrite=overwrite)
+    typer.echo(report.summary())
+    if report_json:
+        report_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 @app.command()
