@@ -330,6 +330,10 @@ class _PredictingPolicy(TorchPolicy):
         return np.full((s.num_cameras, s.image_size, s.image_size, 3), 128, np.uint8)
 
 
+class _NoFramePolicy(TorchPolicy):
+    predict_frame = None
+
+
 def test_video_of_real_and_predicted_frames(ckpt, tmp_path):
     import imageio.v2 as imageio
 
@@ -345,9 +349,13 @@ def test_video_of_real_and_predicted_frames(ckpt, tmp_path):
     assert len(real) == len(both) == 9  # first observation + 8 steps
     assert real[0].shape[:2] == (16, 16) and both[0].shape[:2] == (16, 32)  # real | predicted side by side
     assert abs(float(both[4][:, 16:].mean()) - 128) < 8
-    # without predict_frame only the real video is written
+    # the reference predicts frames itself (TorchPolicy.predict_frame): both videos
     runner = EpisodeRunner(setup, policy=TorchPolicy.from_pretrained(ckpt), env=env)
-    assert "video_predicted" not in runner.run(EpisodeJob(1, 4, 0))
+    rec = runner.run(EpisodeJob(1, 4, 0))
+    assert imageio.mimread(rec["video_predicted"])[0].shape[:2] == (16, 32)
+    # a policy without predict_frame (engines export no frame head): only the real video is written
+    runner = EpisodeRunner(setup, policy=_NoFramePolicy.from_pretrained(ckpt), env=env)
+    assert "video_predicted" not in runner.run(EpisodeJob(2, 5, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------
