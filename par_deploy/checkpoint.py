@@ -25,15 +25,19 @@ from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 
 CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "normalization.json"
+STORAGE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def save_pretrained(model: PARModel, normalizer: Normalizer, path: str | Path,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint directory. ``state_dict`` overrides the model's (e.g. EMA weights)."""
+                    state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint directory. ``state_dict`` overrides the model's (e.g. EMA weights); ``dtype``
+    (float16/bfloat16) stores the floating-point weights smaller; loading casts them back to float32."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "par", "config_sha256": _sha256(model.cfg)})
     tmp.replace(path / WEIGHTS_FILE)
@@ -55,13 +59,15 @@ def load_state_dict_checked(model: PARModel, sd: dict[str, torch.Tensor], source
             f"{source}: weights do not match the config: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for k, v in sd.items():
+    for k, v in list(sd.items()):
         if v.shape != expected[k].shape:
             raise CheckpointError(
                 f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
             )
         if v.dtype != expected[k].dtype:
-            raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {expected[k].dtype}")
+            if not (v.dtype in STORAGE_DTYPES and expected[k].dtype == torch.float32):
+                raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {expected[k].dtype}")
+            sd[k] = v = v.float()  # half-precision storage: exact upcast
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{source}: tensor {k!r} contains NaN or infinite values")
     model.load_state_dict(sd, strict=True)
@@ -102,3 +108,18 @@ def checkpoint_hash(path: str | Path) -> str:
         h.update(name.encode())
         h.update((Path(path) / name).read_bytes())
     return h.hexdigest()
+
+
+def make_deployment_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+                               frame_head: bool = False) -> Path:
+    """A smaller copy of a checkpoint for shipping: weights stored in ``dtype`` and, unless ``frame_head``,
+    without the frame de-tokenizer (actions need only the transformer and the Action-DiT; predicting frames
+    and further training need the full checkpoint). Actions of the copy differ from the source only by the
+    rounding of the weights to ``dtype``."""
+    model, normalizer = from_pretrained(src)
+    cfg = model.cfg.replace(frame_head=frame_head, extra={**model.cfg.extra, "made_from": str(src),
+                                                          "weights_dtype": str(dtype).removeprefix("torch.")})
+    slim = PARModel(cfg)
+    sd = {k: v for k, v in model.state_dict().items() if k in slim.state_dict()}
+    slim.load_state_dict(sd, strict=True)
+    return save_pretrained(slim, normalizer, dst, dtype=dtype)

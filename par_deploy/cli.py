@@ -96,6 +96,23 @@ def render(
 
 
 @app.command()
+def slim(
+    checkpoint: Annotated[Path, typer.Argument(help="Full checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="Deployment checkpoint directory to write.")],
+    dtype: Annotated[str, typer.Option(help="Weight storage: float16 or bfloat16.")] = "float16",
+    keep_frame_head: Annotated[bool, typer.Option(help="Keep the frame de-tokenizer (frame prediction).")] = False,
+) -> None:
+    """A smaller checkpoint for shipping: half-precision weights, no frame de-tokenizer (actions only)."""
+    import torch
+
+    from par_deploy.checkpoint import make_deployment_checkpoint
+
+    path = make_deployment_checkpoint(checkpoint, out, getattr(torch, dtype), keep_frame_head)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    typer.echo(f"{path}: {size / 1e6:.1f} MB")
+
+
+@app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],

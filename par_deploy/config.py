@@ -67,6 +67,7 @@ class PARConfig:
     frame_head_depth: int = 2
     frame_mask_min: float = 0.7  # training mask ratio ~ U[frame_mask_min, 1]
     frame_decode_sets: int = 4  # set-by-set prediction at inference
+    frame_head: bool = True  # False: a deployment checkpoint without the frame de-tokenizer (actions only)
 
     # --- Action-DiT ----------------------------------------------------------------------------
     dit_dim: int = 256

@@ -31,6 +31,8 @@ class TorchPolicy(Policy):
         self.cache = model.new_cache(1)
         self._text: torch.Tensor | None = None
         self._blocks: list[torch.Tensor] = []
+        if model.frame_head is None:  # a deployment checkpoint: no frame prediction to offer
+            self.predict_frame = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kw) -> TorchPolicy:

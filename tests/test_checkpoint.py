@@ -108,3 +108,41 @@ def test_normalizer_round_trips_actions():
 def test_model_requires_no_frozen_weights_for_counting():
     with torch.device("meta"):
         PARModel(preset("paper"), load_frozen=False)
+
+
+def test_half_precision_storage_round_trip(ckpt, tmp_path):
+    path, model, norm = ckpt
+    half = save_pretrained(model, norm, tmp_path / "half", dtype=torch.float16)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (path / "model.safetensors").stat().st_size
+    loaded, _ = from_pretrained(half)
+    for k, v in model.state_dict().items():
+        expected = v.half().float() if v.is_floating_point() else v
+        assert loaded.state_dict()[k].dtype == v.dtype and torch.equal(loaded.state_dict()[k], expected), k
+
+
+def test_deployment_checkpoint_acts_like_its_source(ckpt, tmp_path):
+    from par_deploy.checkpoint import make_deployment_checkpoint
+    from par_deploy.errors import ConfigError
+    from par_deploy.reference import TorchPolicy
+    from par_deploy.synthetic import synthetic_batch
+
+    path, model, norm = ckpt
+    slim_path = make_deployment_checkpoint(path, tmp_path / "slim")
+    slim, _ = from_pretrained(slim_path)
+    assert slim.frame_head is None and not any(k.startswith("frame_head.") for k in slim.state_dict())
+    assert slim.cfg.extra["weights_dtype"] == "float16"
+    rounded = save_pretrained(model, norm, tmp_path / "rounded", dtype=torch.float16)
+    full = TorchPolicy.from_pretrained(rounded)
+    deploy = TorchPolicy.from_pretrained(slim_path)
+    assert deploy.predict_frame is None
+    full.reset()
+    deploy.reset()
+    rng = np.random.default_rng(0)
+    cfg = model.cfg
+    for _ in range(3):
+        obs = {"rgb": rng.integers(0, 255, (1, 16, 16, 3), dtype=np.uint8),
+               "state": rng.standard_normal(cfg.state_dim).astype(np.float32)}
+        noise = rng.standard_normal(full.noise_shape()).astype(np.float32)
+        np.testing.assert_array_equal(full.act(obs, noise), deploy.act(obs, noise))
+    with pytest.raises(ConfigError, match="deployment checkpoint"):
+        slim.losses(synthetic_batch(cfg, 1, 2))

@@ -7,7 +7,7 @@ from par_deploy.cli import app
 from tests.test_bench import tiny_checkpoint
 
 runner = CliRunner()
-COMMANDS = ["info", "demo", "demos", "train", "render", "export", "bench", "eval"]
+COMMANDS = ["info", "demo", "demos", "train", "render", "slim", "export", "bench", "eval"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

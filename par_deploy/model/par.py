@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from par_deploy.config import PARConfig
-from par_deploy.errors import CacheFullError, InputError
+from par_deploy.errors import CacheFullError, ConfigError, InputError
 from par_deploy.kernels.attention import cache_step_mask
 from par_deploy.kernels.cache import write_block_
 from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule
@@ -56,7 +56,7 @@ class PARModel(nn.Module):
         self.rope = BlockRope(cfg)
         self.register_buffer("intra_mask", intra_block_mask(cfg), persistent=False)  # [Bl, Bl]
         discrete = cfg.variant == "discrete"
-        self.frame_head = DiscreteFrameHead(cfg) if discrete else FrameDetokenizer(cfg)
+        self.frame_head = (DiscreteFrameHead(cfg) if discrete else FrameDetokenizer(cfg)) if cfg.frame_head else None
         self.action_head = DiscreteActionHead(cfg) if discrete else ActionDiT(cfg)
         self.train_schedule = TrainSchedule(cfg.beta_schedule, cfg.train_timesteps)
 
@@ -116,6 +116,9 @@ class PARModel(nn.Module):
         Actions and state are already normalised.
         """
         cfg = self.cfg
+        if self.frame_head is None:
+            raise ConfigError("this is a deployment checkpoint without the frame de-tokenizer (config.frame_head "
+                              "false): train from the full checkpoint it was made from")
         rgb, actions = batch["rgb"], batch["actions"]
         check_rgb(rgb, cfg, "batch['rgb']")
         B, N = rgb.shape[0], rgb.shape[1] - 1
@@ -199,6 +202,8 @@ class PARModel(nn.Module):
     def predict_frame(self, h_frames: torch.Tensor, sampler: SamplerSchedule, noise: torch.Tensor,
                       order: torch.Tensor | None = None) -> torch.Tensor:
         """Frame-part hidden ``[B, K_o, D]`` -> predicted next frame, uint8 ``[B, V, H, W, 3]``."""
+        if self.frame_head is None:
+            raise ConfigError("this deployment checkpoint has no frame de-tokenizer (config.frame_head false)")
         return self.codec.decode(self.frame_head.sample(h_frames, sampler, noise, order))
 
     # ------------------------------------------------------------------------------------------------
