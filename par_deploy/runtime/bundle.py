@@ -115,6 +115,19 @@ class GraphSpec:
         )
 
 
+def cache_layout(cfg: PARConfig) -> dict[str, int]:
+    """The static KV-cache sizes a manifest records (and loading checks against the config)."""
+    return {
+        "layers": cfg.depth,
+        "heads": cfg.heads,
+        "head_dim": cfg.dim // cfg.heads,
+        "max_blocks": cfg.max_blocks,
+        "max_slots": cfg.max_seq_len,
+        "text_slots": cfg.num_text_tokens,
+        "block_len": cfg.block_len,
+    }
+
+
 def cache_shape(cfg: PARConfig) -> tuple[int, ...]:
     """``[layers, 1, heads, max_seq_len, head_dim]``: one static cache (keys or values) for batch 1."""
     return (cfg.depth, 1, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
@@ -378,15 +391,7 @@ def open_bundle(
             "(edited manifest, or engines for another model); re-export the bundle"
         )
     cache = m["cache"]
-    want_cache = {
-        "layers": cfg.depth,
-        "heads": cfg.heads,
-        "head_dim": cfg.dim // cfg.heads,
-        "max_blocks": cfg.max_blocks,
-        "max_slots": cfg.max_seq_len,
-        "text_slots": cfg.num_text_tokens,
-        "block_len": cfg.block_len,
-    }
+    want_cache = cache_layout(cfg)
     bad = {k: cache.get(k) for k, v in want_cache.items() if cache.get(k) != v}
     if bad:
         raise BundleError(f"{mpath}: cache sizes {bad} disagree with the model config {want_cache}")
