@@ -25,6 +25,7 @@ CONFIG_FORMAT_VERSION = 1
 
 VARIANTS = ("full", "noar", "discrete")
 CODECS = ("patch", "vae")
+FRAME_EMBEDS = ("linear", "conv")
 SAMPLERS = ("ddim", "ddpm")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
@@ -49,6 +50,7 @@ class PARConfig:
     codec: str = "patch"  # "patch": pixel patches, no weights; "vae": diffusers AutoencoderKL
     patch_size: int = 16  # pixels per patch side (codec "patch") or latent cells (codec "vae")
     target_pool: int = 2  # codec "patch": the predicted frame is the input frame mean-pooled by this factor
+    frame_embed: str = "linear"  # frame tokens -> width: "linear" (NOVA's patch embedding) or "conv" (a conv stem)
     vae_path: str | None = None
     vae_latent_channels: int = 4
     vae_downsample: int = 8
@@ -107,6 +109,7 @@ class PARConfig:
         if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
             raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
         for name, allowed in (("variant", VARIANTS), ("codec", CODECS), ("sampler", SAMPLERS),
+                              ("frame_embed", FRAME_EMBEDS),
                               ("beta_schedule", BETA_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -119,6 +122,8 @@ class PARConfig:
                 f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
                 f"{self.latent_size} (image_size={self.image_size})"
             )
+        if self.frame_embed == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"config.frame_embed 'conv' needs a power-of-two patch_size, got {self.patch_size}")
         if self.patch_size % self.target_pool:
             raise ConfigError(f"config.target_pool={self.target_pool} must divide patch_size={self.patch_size}")
         if self.codec == "vae" and self.target_pool != 1:

@@ -27,10 +27,10 @@ from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask,
 from par_deploy.model.rope import BlockRope
 from par_deploy.model.tokenizers import (
     ActionTokenizer,
-    FrameEmbed,
     StateTokenizer,
     check_rgb,
     make_codec,
+    make_frame_embed,
     make_text,
 )
 from par_deploy.model.transformer import CausalTransformer
@@ -46,7 +46,7 @@ class PARModel(nn.Module):
         self.cfg = cfg
         self.codec = make_codec(cfg, load_frozen)
         self.text = make_text(cfg, load_frozen)
-        self.frame_embed = FrameEmbed(cfg)
+        self.frame_embed = make_frame_embed(cfg)
         self.state_tok = StateTokenizer(cfg) if cfg.state_dim else None
         self.action_tok = ActionTokenizer(cfg)
         self.boa = nn.Parameter(torch.randn(cfg.chunk_len, cfg.dim) * 0.02)

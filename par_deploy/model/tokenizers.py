@@ -135,6 +135,39 @@ class FrameEmbed(nn.Module):
         return self.proj(tokens) + self.pos  # [..., K_o, D]
 
 
+class ConvFrameEmbed(nn.Module):
+    """Frame tokens -> model width through a small conv stem: the tokens are put back into the frame and
+    log2(p) stride-2 convolutions bring it down to the same token grid (one output vector per patch).
+    A learned, non-linear alternative to the linear patch embedding for small objects in low-resolution frames."""
+
+    def __init__(self, cfg: PARConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.patch_size.bit_length() - 1  # stride-2 stages
+        widths = [cfg.latent_channels] + [min(32 * 2**i, cfg.dim) for i in range(n - 1)] + [cfg.dim]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1))
+            if i < n - 1:
+                layers.append(nn.GELU())
+        self.stem = nn.Sequential(*layers)
+        self.pos = nn.Parameter(torch.randn(cfg.frame_tokens, cfg.dim) * 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        lead = tokens.shape[:-2]
+        S = c.latent_size
+        x = unpatchify(tokens.reshape(-1, *tokens.shape[-2:]), c.num_cameras, c.latent_channels, S, S, c.patch_size)
+        B = x.shape[0]
+        y = self.stem(x.flatten(0, 1))  # [B*V, D, S/p, S/p]
+        y = y.flatten(2).transpose(1, 2).reshape(B, c.frame_tokens, c.dim)  # camera-major, row-major patches
+        return (y + self.pos).reshape(*lead, c.frame_tokens, c.dim)
+
+
+def make_frame_embed(cfg: PARConfig) -> nn.Module:
+    return ConvFrameEmbed(cfg) if cfg.frame_embed == "conv" else FrameEmbed(cfg)
+
+
 class ActionTokenizer(nn.Module):
     """One token per action of the chunk: MLP ``A -> hidden -> D`` plus a learned index embedding."""
 
