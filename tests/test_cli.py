@@ -33,3 +33,11 @@ def test_export_command_writes_a_bundle_and_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["denoise_steps"] == 2 and set(data["parity"]) == {"onnx", "torchscript"}
     assert all(p["passed"] for p in data["parity"].values())
+
+
+def test_export_of_a_conv_stem_model_passes_parity(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", frame_embed="conv", num_cameras=2)
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "b"), "--denoise-steps", "2",
+                                 "--report-json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["parity"]["onnx"]["passed"]

@@ -38,6 +38,7 @@ def test_paper_preset_matches_table_1():
         ({"instructions": ()}, "instructions"),
         ({"sample_steps": 1000}, "sample_steps"),
         ({"target_pool": 3}, "target_pool"),
+        ({"frame_embed": "conv", "patch_size": 12, "image_size": 24, "target_pool": 1}, "power-of-two"),
     ],
 )
 def test_invalid_values_are_refused(change, message):

@@ -25,7 +25,9 @@ def incremental_vs_full(model, batch, N):
     return full, inc
 
 
-@pytest.mark.parametrize("overrides", [{}, {"state_dim": 0}, {"num_cameras": 2}, {"chunk_len": 1}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"state_dim": 0}, {"num_cameras": 2}, {"chunk_len": 1}, {"frame_embed": "conv"}]
+)
 def test_kv_cache_step_equals_full_forward(overrides):
     cfg = preset("tiny", **overrides)
     model = randomize_(PARModel(cfg)).eval()
