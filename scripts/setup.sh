@@ -21,7 +21,7 @@ TORCH_PIN="torch==$("$PYTHON" -c 'import torch; print(torch.__version__.split("+
 # 2. par-deploy (editable) + dev tools; skipped when the installed one already points at this checkout.
 if ! "$PYTHON" - <<'PY' 2>/dev/null; then
 import importlib.metadata as md, pathlib, sys
-import par_deploy, pytest, ruff, onnxruntime, onnxscript, diffusers, typer  # noqa: F401
+import par_deploy, pytest, ruff, onnxruntime, onnxscript, diffusers, typer, transformers  # noqa: F401
 want = pathlib.Path("par_deploy").resolve()
 sys.exit(0 if pathlib.Path(par_deploy.__file__).resolve().parent == want and md.version("par-deploy") else 1)
 PY
