@@ -67,7 +67,9 @@ class Normalizer:
         return np.where((self.action_max - self.action_min) / 2 > _EPS, out, 0.0).astype(np.float32)
 
     def denormalize_action(self, a: np.ndarray) -> np.ndarray:
+        """Inverse of ``normalize_action``; a dimension without spread always maps back to its constant."""
         center, half = self._action_scale()
+        half = np.where((self.action_max - self.action_min) / 2 > _EPS, half, 0.0)
         return (a * half + center).astype(np.float32)
 
     def normalize_state(self, s: np.ndarray) -> np.ndarray:

@@ -103,6 +103,8 @@ def test_normalizer_round_trips_actions():
     scaled = norm.normalize_action(acts)
     assert scaled.min() >= -1 - 1e-6 and scaled.max() <= 1 + 1e-6
     np.testing.assert_allclose(norm.denormalize_action(scaled), acts, atol=1e-6)
+    # whatever a policy outputs for a constant dimension, the controller gets the constant
+    assert (norm.denormalize_action(np.full((3, 4), 0.7, np.float32))[:, 3] == 1.0).all()
 
 
 def test_model_requires_no_frozen_weights_for_counting():
