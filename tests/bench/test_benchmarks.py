@@ -4,6 +4,8 @@ Not part of the default run (marker ``benchmark``). Results are saved as pytest-
 ``.benchmarks/`` so two commits can be compared (``pytest-benchmark compare``).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,15 +20,22 @@ from par_deploy.reference import TorchPolicy
 pytestmark = pytest.mark.benchmark
 
 
-@pytest.fixture(scope="module", params=["tiny", "cpu-small"])
+@pytest.fixture(scope="module", params=["tiny", "cpu-small", "shipped"])
 def bundle(request, tmp_path_factory):
+    """A bundle (ONNX + TorchScript, DDIM K=4) of an untrained preset, or of the shipped checkpoint."""
+    import shutil
+
+    from par_deploy.describe import SHIPPED_CHECKPOINT
     from par_deploy.export import export_bundle
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    cfg = preset(request.param, state_dim=16)
     root = tmp_path_factory.mktemp(request.param)
-    ckpt = save_pretrained(PARModel(cfg), Normalizer.identity(cfg.action_dim, cfg.state_dim), root / "ckpt")
+    if request.param == "shipped":
+        ckpt = Path(shutil.copytree(SHIPPED_CHECKPOINT, root / "ckpt"))
+    else:
+        cfg = preset(request.param, state_dim=16)
+        ckpt = save_pretrained(PARModel(cfg), Normalizer.identity(cfg.action_dim, cfg.state_dim), root / "ckpt")
     export_bundle(ckpt, root / "bundle", backends=("onnx", "torchscript"), denoise_steps=4, progress=False)
     return root
 
