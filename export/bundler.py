@@ -332,13 +332,4 @@ def _close(policy: BundlePolicy) -> None:
         close()
 
 
-def load_policy(
-    bundle_dir: str | Path,
-    backend: str = "onnx",
-    threads: int | None = None,
-    *,
-    seed: int = 0,
-    checkpoint: str | Path | None = None,
-) -> BundlePolicy:
-    """Load a verified bundle as a ``Policy`` (same as ``par_deploy.runtime.load``)."""
-    return load(bundle_dir, backend, threads=threads, seed=seed, checkpoint=checkpoint)
+load_policy = load  # the runtime's loader, re-exported: ``par_deploy.export.load_policy(bundle, backend, ...)``

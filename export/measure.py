@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.checkpoint import from_pretrained, save_pretrained
 from par_deploy.config import preset
 from par_deploy.export.bundler import export_bundle, load_policy
@@ -50,22 +49,10 @@ def randomized_checkpoint(
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 5) -> dict[str, float]:
-    """Median milliseconds per call of each function, calling them in turn ``repeats`` times.
-
-    The order rotates every repeat: a variant that always ran right after a heavy one (cold caches) would
-    otherwise look a few percent slower than it is (measured here: ~5% between two equal ONNX graphs).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median milliseconds per call of each function, run interleaved with a rotating order
+    (``par_deploy.bench.timing.interleaved``: a variant that always ran right after a heavy one would look a
+    few percent slower than it is; measured here: ~5% between two equal ONNX graphs)."""
+    return {k: summarize(v)["p50"] for k, v in interleaved(fns, repeats, warmup).items()}
 
 
 class _Stepper:
@@ -139,7 +126,7 @@ def measure(
 
         step_ms = interleaved_medians(
             {
-                "eager": _Stepper(eager, obs, lambda o, n: eager.block_hidden(*_block_args(eager, o, n))),
+                "eager": _Stepper(eager, obs, block(eager)),
                 "onnx (dynamo)": _Stepper(ort, obs, block(ort)),
                 "onnx (legacy)": _Stepper(ort_legacy, obs, block(ort_legacy)),
                 "torchscript": _Stepper(ts, obs, block(ts)),

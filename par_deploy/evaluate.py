@@ -226,7 +226,7 @@ class PolicySource:
 
     ``kind="checkpoint"``: the PyTorch reference (``TorchPolicy``) of a checkpoint directory, with ``sampler`` /
     ``steps`` (default: the checkpoint's own). ``kind="engine"``: a bundle loaded with
-    ``par_deploy.export.load_policy(path, backend)``. ``threads``: compute threads per worker.
+    ``par_deploy.runtime.load(path, backend)``. ``threads``: compute threads per worker.
     """
 
     kind: str
@@ -292,11 +292,9 @@ class PolicySource:
 
             torch.set_num_threads(self.threads)
             return TorchPolicy.from_pretrained(self.path, sampler=self.sampler, steps=self.steps)
-        try:
-            from par_deploy.export import load_policy
-        except ImportError as e:
-            raise EvalError(f"engine bundles need par_deploy.export.load_policy, which cannot be imported ({e})") from e
-        return load_policy(self.path, backend=self.backend, threads=self.threads)
+        from par_deploy.runtime import load  # engines need only the runtime, not the export stack
+
+        return load(self.path, backend=self.backend, threads=self.threads)
 
 
 def reference_for(engine: PolicySource, checkpoint: str | os.PathLike | None = None) -> PolicySource:
