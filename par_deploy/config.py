@@ -27,6 +27,14 @@ VARIANTS = ("full", "noar", "discrete")
 CODECS = ("patch", "vae")
 FRAME_EMBEDS = ("linear", "conv")
 SAMPLERS = ("ddim", "ddpm")
+# NOVA's architecture as config choices; the first value of each is the default (the CPU presets' blocks)
+BLOCK_NORMS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+TEXT_ATTENTIONS = ("causal", "first_frame")
+TEXT_EMBEDS = ("linear", "nova")
+POS_EMBEDS = ("learned", "sincos")
+SPATIAL_CONDS = ("add", "prepend")
+FRAME_MLPS = ("mar", "nova")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
@@ -54,6 +62,16 @@ class PARConfig:
     vae_path: str | None = None
     vae_latent_channels: int = 4
     vae_downsample: int = 8
+
+    # --- NOVA's architecture (every default keeps the CPU presets' blocks; the paper preset picks NOVA's) ---
+    block_norm: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)), NOVA's vision_transformer.Block
+    activation: str = "gelu_tanh"  # transformer MLPs: "gelu_tanh" or "gelu" (exact, NOVA's nn.GELU())
+    text_attention: str = "causal"  # "first_frame": text bidirectional, grouped with block 0's observation (NOVA)
+    text_embed: str = "linear"  # "nova": projection + LayerNorm, NOVA's fixed features past the prompt's end
+    video_patch_size: int = 0  # patch side of the causal transformer's frame tokens; 0: patch_size (NOVA: 2x)
+    pos_embed: str = "learned"  # "sincos": NOVA's fixed 2-D sin-cos embedding of frame and spatial tokens
+    spatial_cond: str = "add"  # "prepend": NOVA's image encoder (condition prepended, MAE-style encoder half)
+    frame_mlp: str = "mar"  # diffusion MLP: "mar" (MAR's SimpleMLPAdaLN) or "nova" (NOVA's DiffusionMLP)
 
     # --- causal transformer (NOVA's temporal "video encoder") ------------------------------------
     dim: int = 256
@@ -109,14 +127,17 @@ class PARConfig:
         if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
             raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
         for name, allowed in (("variant", VARIANTS), ("codec", CODECS), ("sampler", SAMPLERS),
-                              ("frame_embed", FRAME_EMBEDS),
-                              ("beta_schedule", BETA_SCHEDULES)):
+                              ("frame_embed", FRAME_EMBEDS), ("beta_schedule", BETA_SCHEDULES),
+                              ("block_norm", BLOCK_NORMS), ("activation", ACTIVATIONS),
+                              ("text_attention", TEXT_ATTENTIONS), ("text_embed", TEXT_EMBEDS),
+                              ("pos_embed", POS_EMBEDS), ("spatial_cond", SPATIAL_CONDS), ("frame_mlp", FRAME_MLPS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ConfigError(f"config.dim={self.dim} must split into {self.heads} heads of even size")
         if self.dit_dim % self.dit_heads:
             raise ConfigError(f"config.dit_dim={self.dit_dim} must be divisible by dit_heads={self.dit_heads}")
+        self._check_nova_choices()
         if self.latent_size % self.patch_size:
             raise ConfigError(
                 f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
@@ -137,6 +158,20 @@ class PARConfig:
         if self.text_encoder_path is not None and self.text_encoder_dim <= 0:
             raise ConfigError("config.text_encoder_dim must be set when text_encoder_path is set")
 
+    def _check_nova_choices(self) -> None:
+        if not isinstance(self.video_patch_size, int) or self.video_patch_size < 0:
+            raise ConfigError(f"config.video_patch_size must be >= 0, got {self.video_patch_size!r}")
+        if self.latent_size % self.video_patch:
+            raise ConfigError(f"config.video_patch_size={self.video_patch} must divide the {self.codec} codec's "
+                              f"spatial size {self.latent_size}")
+        if self.video_patch != self.patch_size and (self.spatial_cond != "prepend" or self.target_pool != 1):
+            raise ConfigError("a video_patch_size other than patch_size needs spatial_cond 'prepend' and "
+                              "target_pool 1 (the condition and the predicted tokens are then different grids)")
+        if self.video_patch != self.patch_size and self.frame_embed != "linear":
+            raise ConfigError("config.frame_embed 'conv' works on the patch_size grid: leave video_patch_size 0")
+        if self.text_embed == "nova" and not self.text_encoder_path:
+            raise ConfigError("config.text_embed 'nova' projects a text encoder's features: set text_encoder_path")
+
     # --- derived sizes -------------------------------------------------------------------------
     @property
     def latent_size(self) -> int:
@@ -148,14 +183,24 @@ class PARConfig:
         return 3 if self.codec == "patch" else self.vae_latent_channels
 
     @property
+    def video_patch(self) -> int:
+        """Patch side of the causal transformer's frame tokens (NOVA's video patch embedding)."""
+        return self.video_patch_size or self.patch_size
+
+    @property
     def frame_tokens(self) -> int:
-        """K_o: frame tokens per block (all cameras)."""
+        """K_o: frame tokens per block (all cameras), on the video patch grid."""
+        return self.num_cameras * (self.latent_size // self.video_patch) ** 2
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the frame de-tokenizer predicts per frame (the patch_size grid; K_o unless video_patch_size)."""
         return self.num_cameras * (self.latent_size // self.patch_size) ** 2
 
     @property
     def frame_input_dim(self) -> int:
-        """Width of an input frame token (one patch of the codec's output)."""
-        return self.latent_channels * self.patch_size**2
+        """Width of an input frame token (one video patch of the codec's output)."""
+        return self.latent_channels * self.video_patch**2
 
     @property
     def target_patch(self) -> int:
@@ -243,9 +288,12 @@ def _cpu_small() -> PARConfig:
 
 
 def _paper() -> PARConfig:
-    # NOVA d48w1024 on Open-Sora VAE latents (4 channels, 8x down, patch 2) and Phi-2 text features (2560-d).
+    # NOVA d48w1024 on Open-Sora VAE latents (4 channels, 8x down, image patch 2, video patch 4) and Phi-2 text
+    # features (2560-d), with NOVA's blocks (par_deploy/nova.py loads NOVA's weights into it).
     # Point vae_path / text_encoder_path at local copies of those weights to build it for real.
     return PARConfig(
+        block_norm="post", activation="gelu", text_attention="first_frame", text_embed="nova", video_patch_size=4,
+        pos_embed="sincos", spatial_cond="prepend", frame_mlp="nova",
         vae_path=None, text_encoder_path="phi-2", text_encoder_dim=2560,
         image_size=256, codec="vae", vae_latent_channels=4, vae_downsample=8, patch_size=2, target_pool=1,
         action_dim=7, state_dim=9, chunk_len=16, max_blocks=16, num_text_tokens=256,
