@@ -91,6 +91,39 @@ def train(
     typer.echo(f"checkpoint: {final}" if final else f"stopped at step {stop_at}; run again to resume")
 
 
+def _model_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` config overrides (JSON values; a bare word is a string)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+@app.command("init")
+def init_checkpoint(
+    from_nova: Annotated[Path, typer.Option(help="NOVA pipeline or transformer directory (or its .safetensors).")],
+    out: Annotated[Path, typer.Option(help="PAR checkpoint directory to write.")],
+    preset: Annotated[str, typer.Option(help="PAR preset giving NOVA's architecture choices and PAR's additions.")]
+    = "paper",
+    model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable; "
+                                             "e.g. heads=N for a NOVA width outside NOVA's registry.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of PAR's newly initialised modules.")] = 0,
+) -> None:
+    """Write a PAR checkpoint initialised from a NOVA checkpoint; print what was loaded, what is new in PAR
+    and which NOVA tensors were ignored, and why. Sizes come from NOVA's config.json."""
+    from par_deploy.nova import format_report, init_from_nova
+
+    report = init_from_nova(from_nova, out, preset, seed, **_model_overrides(model))
+    typer.echo(format_report(report))
+    typer.echo(f"checkpoint: {out}")
+
+
 @app.command()
 def render(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],

@@ -236,3 +236,41 @@ def nova_par_config(path: str | Path, preset_name: str = "paper", **overrides) -
     if nova is None:
         raise CheckpointError(f"{path}: no NOVA config.json beside the weights; pass a NOVA transformer directory")
     return preset(preset_name, **{**nova_config_overrides(nova), **overrides})
+
+
+def init_from_nova(path: str | Path, out: str | Path, preset_name: str = "paper", seed: int = 0,
+                   **overrides) -> NovaLoadReport:
+    """Write a PAR checkpoint at ``out`` whose NOVA parts come from the NOVA checkpoint at ``path`` and whose
+    additions (state/action tokenizers, BOA, Action-DiT) are freshly initialised (seed ``seed``). The frozen
+    VAE and text encoder are not part of a PAR checkpoint (the config names their paths)."""
+    from par_deploy.checkpoint import save_pretrained
+    from par_deploy.normalize import Normalizer
+
+    cfg = nova_par_config(path, preset_name, **overrides)
+    torch.manual_seed(seed)
+    model = PARModel(cfg, load_frozen=False)
+    report = load_nova_weights(model, path)
+    save_pretrained(model, Normalizer.identity(cfg.action_dim, cfg.state_dim), out)
+    return report
+
+
+def _groups(keys: list[str], depth: int = 2) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for k in keys:
+        name = ".".join(p for p in k.split(".")[:depth] if not p.isdigit())
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def format_report(report: NovaLoadReport) -> str:
+    """Loaded / new / ignored, by module, for ``par-deploy init --from-nova``."""
+    lines = [f"loaded {len(report.loaded)} NOVA tensors:"]
+    lines += [f"  {k}: {n}" for k, n in _groups([k for k, _ in report.loaded]).items()]
+    lines.append(f"newly initialised (PAR's additions), {len(report.new)} tensors:")
+    lines += [f"  {k}: {n}" for k, n in _groups(report.new, 1).items()]
+    lines.append(f"ignored {len(report.ignored)} NOVA tensors:")
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in report.ignored:
+        by_reason.setdefault(reason, []).append(key)
+    lines += [f"  {', '.join(keys)}: {reason}" for reason, keys in by_reason.items()]
+    return "\n".join(lines)

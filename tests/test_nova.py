@@ -132,3 +132,25 @@ def test_novas_other_variants_are_refused(loaded, tmp_path):
 def test_cpu_presets_have_no_place_for_novas_parts():
     with pytest.raises(CheckpointError, match="NOVA's architecture choices"):
         load_nova_weights(PARModel(preset("tiny")), NOVA)
+
+
+def test_cli_init_from_nova_writes_a_checkpoint_and_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from par_deploy.cli import app
+    from par_deploy.config import PARConfig
+
+    args = ["init", "--from-nova", str(NOVA.parent), "--out", str(tmp_path / "par")]
+    args += [f"--model={k}={json.dumps(v)}" for k, v in SMALL.items()]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "loaded 116 NOVA tensors" in result.output and "video_encoder.blocks: 24" in result.output
+    assert "newly initialised (PAR's additions)" in result.output and "action_head:" in result.output
+    assert "mask_embed.bos_token: NOVA's begin-of-video token" in result.output
+    cfg = PARConfig.load(tmp_path / "par" / "config.json")
+    assert (cfg.dim, cfg.depth, cfg.spatial_depth, cfg.video_patch, cfg.block_norm) == (32, 2, 4, 4, "post")
+    weights = load_file(str(tmp_path / "par" / "model.safetensors"))
+    nova = read_nova_state_dict(NOVA)
+    assert torch.equal(weights["transformer.blocks.1.mlp.fc2.weight"], nova["video_encoder.blocks.1.mlp.fc2.weight"])
+    bad = CliRunner().invoke(app, ["init", "--from-nova", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "no NOVA weights" in str(bad.exception)
