@@ -154,3 +154,15 @@ def test_cli_init_from_nova_writes_a_checkpoint_and_reports(tmp_path):
     assert torch.equal(weights["transformer.blocks.1.mlp.fc2.weight"], nova["video_encoder.blocks.1.mlp.fc2.weight"])
     bad = CliRunner().invoke(app, ["init", "--from-nova", str(tmp_path), "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "no NOVA weights" in str(bad.exception)
+
+
+def test_nova_choices_are_validated():
+    from par_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="block_norm"):
+        preset("tiny", block_norm="middle")
+    with pytest.raises(ConfigError, match="spatial_cond 'prepend'"):
+        preset("tiny", video_patch_size=16)  # two token grids need the prepended condition
+    with pytest.raises(ConfigError, match="text_encoder_path"):
+        preset("tiny", text_embed="nova")
+    assert preset("paper").video_patch == 2 * preset("paper").patch_size
