@@ -166,3 +166,19 @@ def test_nova_choices_are_validated():
     with pytest.raises(ConfigError, match="text_encoder_path"):
         preset("tiny", text_embed="nova")
     assert preset("paper").video_patch == 2 * preset("paper").patch_size
+
+
+@torch.no_grad()
+def test_full_model_path_gives_novas_first_frame(io):
+    """PARModel.hidden (sequence mask, RoPE, action tokens in the sequence) on [text; O_0; BOA]: the first
+    frame's tokens see only the text and themselves, at RoPE position 0, so they match NOVA's frame 0 outputs."""
+    cfg = nova_par_config(NOVA, **{**SMALL, "state_dim": 0})
+    model = PARModel(cfg, load_frozen=False).eval()
+    load_nova_weights(model, NOVA)
+    video = io["temporal.video"]  # [B, C, T, h, w]
+    B = video.shape[0]
+    frame0 = patchify(video[:, :, :1].transpose(1, 2), cfg.video_patch)  # [B, K_o, C p^2]
+    block = torch.cat([model.frame_embed(frame0), model.boa.expand(B, -1, -1)], dim=1)  # [B, Bl, D]
+    h = model.hidden(model.text.project(io["temporal.text"]), block)
+    frames = h[:, cfg.num_text_tokens : cfg.num_text_tokens + cfg.frame_tokens]
+    assert close(frames, io["temporal.out"][:, : cfg.frame_tokens]) < TOL
