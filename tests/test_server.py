@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +23,7 @@ from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.runtime.bundle import sha256_file
 from par_deploy.serve import protocol
 from par_deploy.serve.protocol import ProtocolError, RemoteError, ServerUnavailable
-from par_deploy.serve.server import PolicyServer, ServerThread
+from par_deploy.serve.server import PolicyServer, ServerProcess, ServerThread
 
 torch.set_num_threads(1)
 INSTRUCTIONS = ("push the cube", "pick the cube")
@@ -234,25 +232,13 @@ def test_client_imports_neither_torch_nor_onnxruntime(server):
 
 
 def test_sigterm_closes_clients_and_exits_cleanly(bundle):
-    proc = subprocess.Popen([sys.executable, "-m", "par_deploy", "serve", str(bundle), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        line = proc.stdout.readline()  # printed once listening
-        assert "listening on ws://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
-        url = line.split()[4]
-        with RemotePolicy(url) as p:
-            p.reset()
+    with ServerProcess(bundle) as server, RemotePolicy(server.url) as p:
+        p.reset()
+        p.act(_obs(p.spec))
+        assert server.stop() == 0  # SIGTERM, then wait
+        with pytest.raises(ServerUnavailable, match="1001"):  # going away
             p.act(_obs(p.spec))
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            with pytest.raises(ServerUnavailable, match="1001"):  # going away
-                p.act(_obs(p.spec))
-        assert "stopped" in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert "stopped" in server.proc.stdout.read()
 
 
 def test_array_wire_format_round_trip_and_limits():

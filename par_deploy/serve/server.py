@@ -178,3 +178,54 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess:
+    """``par-deploy serve`` in a child process (benchmarks, tests of signal handling); ``url`` once listening.
+
+    ``stop()`` sends SIGTERM and returns the exit code; ``kill()`` is the fallback for a hung child.
+    """
+
+    def __init__(self, bundle_dir: str | Path, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 120.0):
+        import os
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "par_deploy", "serve", str(bundle_dir), "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        line = self._first_line(timeout)
+        if "listening on ws://" not in line:
+            self.kill()
+            raise RuntimeError(f"par-deploy serve did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
+        self.url = line.split("listening on ")[1].split()[0]
+
+    def _first_line(self, timeout: float) -> str:
+        done = threading.Event()
+        timer = threading.Timer(timeout, lambda: done.is_set() or self.proc.kill())
+        timer.start()
+        try:
+            return self.proc.stdout.readline()
+        finally:
+            done.set()
+            timer.cancel()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()
