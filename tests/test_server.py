@@ -166,6 +166,12 @@ def test_act_before_reset_and_oversized_requests(server):
         with pytest.raises(InputError, match="exceeds the server's limit"):
             p.act(huge)
         p.act(_obs(p.spec))
+        p._lock.acquire()  # as if another thread were waiting for a reply
+        try:
+            with pytest.raises(RuntimeError, match="not re-entrant"):
+                p.act(_obs(p.spec))
+        finally:
+            p._lock.release()
 
 
 def test_health_endpoint(server, bundle):
@@ -239,6 +245,11 @@ def test_sigterm_closes_clients_and_exits_cleanly(bundle):
         with pytest.raises(ServerUnavailable, match="1001"):  # going away
             p.act(_obs(p.spec))
         assert "stopped" in server.proc.stdout.read()
+
+
+def test_serve_refuses_a_bad_bundle_with_a_message(tmp_path):
+    with pytest.raises(RuntimeError, match="did not start.*error: .*not a bundle directory"):
+        ServerProcess(tmp_path / "missing")
 
 
 def test_array_wire_format_round_trip_and_limits():

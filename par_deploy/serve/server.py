@@ -191,14 +191,20 @@ class ServerProcess:
         import os
         import subprocess
         import sys
+        import tempfile
 
         cmd = [sys.executable, "-m", "par_deploy", "serve", str(bundle_dir), "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        self.log = tempfile.TemporaryFile(mode="w+")  # the server's log: a pipe nobody reads could fill and block it
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         line = self._first_line(timeout)
         if "listening on ws://" not in line:
             self.kill()
-            raise RuntimeError(f"par-deploy serve did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
+            self.log.seek(0)
+            log_tail = self.log.read()[-2000:]
+            self.proc.stdout.close()
+            self.log.close()
+            raise RuntimeError(f"par-deploy serve did not start: {line!r} {log_tail}")
         self.url = line.split("listening on ")[1].split()[0]
 
     def _first_line(self, timeout: float) -> str:
@@ -212,6 +218,7 @@ class ServerProcess:
             timer.cancel()
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit code (the server closes its connections first)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
@@ -229,3 +236,5 @@ class ServerProcess:
             self.stop()
         finally:
             self.kill()
+            self.proc.stdout.close()
+            self.log.close()
