@@ -174,8 +174,8 @@ def serve(
 ) -> None:
     """Serve a bundle over websockets (msgpack): each connection is one episode with its own KV-cache.
 
-    Clients: `par_deploy.client.RemotePolicy(url)`. Health: HTTP GET /healthz on the same port. Stops cleanly on
-    SIGTERM or Ctrl-C.
+    Clients: `par_deploy.client.RemotePolicy(url)`. Health: HTTP GET /healthz on the same port.
+    Stops cleanly on SIGTERM or Ctrl-C. No authentication or TLS: serve on loopback or a trusted network only.
     """
     import logging
 
