@@ -195,6 +195,36 @@ def bench(
     run_bench(engine, reference, json_out, plot)
 
 
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: chosen by the OS, printed once listening).")] = 0,
+    backend: Annotated[str, typer.Option(help="Engine backend: onnx, torchscript, tensorrt.")] = "onnx",
+    threads: Annotated[int, typer.Option(help="Compute threads per client's policy.")] = 1,
+    pool: Annotated[int, typer.Option(help="Policies loaded ahead for new connections.")] = 1,
+    max_clients: Annotated[int, typer.Option(help="Connections served at once (more are refused).")] = 4,
+) -> None:
+    """Serve a bundle over websockets (msgpack): each connection is one episode with its own KV-cache.
+
+    Clients: `par_deploy.client.RemotePolicy(url)`. Health: HTTP GET /healthz on the same port.
+    Stops cleanly on SIGTERM or Ctrl-C. No authentication or TLS: serve on loopback or a trusted network only.
+    """
+    import logging
+
+    from par_deploy.errors import ParError
+    from par_deploy.serve.server import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        run_server(bundle, host=host, port=port, backend=backend, threads=threads, pool_size=pool,
+                   max_clients=max_clients)
+    except (ParError, OSError) as e:  # a bad bundle, a port in use: a message, no traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command(name="eval")
 def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
