@@ -166,7 +166,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
     bar = _progress(progress and rank == 0, tc.steps, step)
     amp = autocast_dtype(tc.precision)
-    t0, episodes_done = time.perf_counter(), 0
+    t0, c0, episodes_done = time.perf_counter(), time.process_time(), 0
+    spent = _time_spent(run / "metrics.jsonl", step)  # wall/CPU seconds of earlier sessions of this run
     while step < tc.steps:
         if stop_at is not None and step >= stop_at:
             _save_state(run, model, ema, opt, sampler, step, data, rank, world)
@@ -187,7 +188,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
         if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
             rate = episodes_done / (time.perf_counter() - t0)
             rec = {"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                   "episodes_per_s": rate, **{k: float(v.detach()) for k, v in out.items()}}
+                   "episodes_per_s": rate, "elapsed_s": spent[0] + time.perf_counter() - t0,
+                   "cpu_s": spent[1] + time.process_time() - c0, **{k: float(v.detach()) for k, v in out.items()}}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             bar.update(step, rec)
@@ -201,6 +203,20 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
     if world > 1:
         dist.barrier()
     return final
+
+
+def _time_spent(metrics: Path, step: int) -> tuple[float, float]:
+    """Training wall and CPU seconds logged up to ``step`` by earlier sessions of a resumed run (0, 0 if new).
+
+    Approximate by at most ``log_every`` steps of the interrupted session, which were redone after the resume.
+    """
+    last = (0.0, 0.0)
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("step", step + 1) <= step and "elapsed_s" in rec:
+                last = (float(rec["elapsed_s"]), float(rec["cpu_s"]))
+    return last
 
 
 def _tc_json(tc: TrainConfig) -> dict:
