@@ -27,6 +27,7 @@ VARIANTS = ("full", "noar", "discrete")
 CODECS = ("patch", "vae")
 FRAME_EMBEDS = ("linear", "conv")
 SAMPLERS = ("ddim", "ddpm")
+OVERFLOWS = ("error", "slide")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
@@ -38,7 +39,11 @@ class PARConfig:
     action_dim: int = 4  # pd_ee_delta_pos: xyz delta + gripper
     state_dim: int = 0  # embodiment/task state per step (0: no state token)
     chunk_len: int = 8  # L: actions per chunk = action tokens per block
-    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode
+    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode or the window
+    # What happens when an episode outgrows the cache: "error" (CacheFullError; the model saw whole episodes from
+    # their first block), or "slide": keep the newest max_blocks // 2 blocks and re-encode them at positions from 0,
+    # for a model trained on windows of max_blocks blocks cut anywhere in the episode (`par-deploy train --window`).
+    overflow: str = "error"
 
     # --- text prefix ---------------------------------------------------------------------------
     instructions: tuple[str, ...] = ("push the cube to the goal region",)
@@ -109,7 +114,7 @@ class PARConfig:
         if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
             raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
         for name, allowed in (("variant", VARIANTS), ("codec", CODECS), ("sampler", SAMPLERS),
-                              ("frame_embed", FRAME_EMBEDS),
+                              ("frame_embed", FRAME_EMBEDS), ("overflow", OVERFLOWS),
                               ("beta_schedule", BETA_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")

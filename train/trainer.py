@@ -42,6 +42,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     history: int = 0  # blocks of history per sample (0: config.max_blocks, whole episodes)
+    # > 0: train on windows of this many blocks cut anywhere in the episode, positions from 0 in each window, and
+    # deploy with a sliding cache of that length (config max_blocks = window, overflow "slide"): the policy then
+    # runs for any number of control steps and only ever sees positions it was trained on.
+    window: int = 0
     phase_augment: bool = True
     save_every: int = 500
     log_every: int = 10
@@ -57,6 +61,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "log_every", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive")
+        if self.window < 0 or self.window == 1:
+            raise ValueError(f"TrainConfig.window must be 0 (whole episodes) or >= 2 blocks, got {self.window}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -131,8 +137,10 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
     fields = data.model_fields()
     chunk = tc.model_overrides.get("chunk_len", preset(preset_name).chunk_len)
     fields["max_blocks"] = -(-max(data.max_steps, data.meta["max_episode_steps"]) // chunk) + 1
+    if tc.window:
+        fields.update(max_blocks=tc.window, overflow="slide")
     cfg = preset(preset_name, **{**fields, **tc.model_overrides})
-    history = tc.history or cfg.max_blocks
+    history = tc.window or tc.history or cfg.max_blocks
 
     torch.manual_seed(tc.seed)
     model = PARModel(cfg)
