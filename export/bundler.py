@@ -25,7 +25,6 @@ from par_deploy.runtime.bundle import (
     BACKENDS,
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
-    CACHE_OVERFLOW,
     MANIFEST_FILE,
     PRECISIONS,
     SAMPLER_GRAPHS,
@@ -266,7 +265,7 @@ def export_bundle(
             "coeffs": schedule.coeffs.tolist(),
             "coeffs_layout": ["sqrt_recip_a_t", "sqrt_recip_a_t_minus_1", "coef_x0", "coef_xt", "sigma"],
         },
-        "cache": {**cache_layout(cfg), "overflow": CACHE_OVERFLOW},
+        "cache": {**cache_layout(cfg), "overflow": cfg.overflow},
         "graphs": {name: spec.to_dict() for name, spec in specs.items()},
         "engines": engines,
         "onnx": {"exporter": onnx_exporter, "opset": opset, "torch": torch.__version__}

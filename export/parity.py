@@ -17,16 +17,6 @@ TOLERANCES = {  # max abs diff allowed: hidden states / condition, normalised ac
 }
 
 
-class RecordingTorchPolicy(TorchPolicy):
-    """``TorchPolicy`` that keeps the hidden states ``[1, Bl, D]`` of the last appended block."""
-
-    last_hidden: torch.Tensor | None = None
-
-    def block_hidden(self, *args, **kwargs) -> torch.Tensor:
-        self.last_hidden = super().block_hidden(*args, **kwargs)
-        return self.last_hidden
-
-
 def synthetic_observations(model: PARModel, steps: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``steps`` observations of a synthetic episode (``par_deploy.synthetic``), as ``Policy.act`` takes."""
     cfg = model.cfg
@@ -50,14 +40,15 @@ def parity_report(
 ) -> dict:
     """Run the same episodes through ``engine`` and ``TorchPolicy`` (same sampler, same noise per step).
 
-    One episode of ``steps`` control steps per instruction of the config; each policy feeds back its own
-    previous chunk, as in deployment. Reports the max abs differences of the frame hidden states, the
-    Action-DiT condition and the normalised actions, the spread of the reference actions and the fraction
-    not clipped to +-1 (action parity only means something for actions that vary and are not saturated),
-    and ``passed`` against ``TOLERANCES[precision]``.
+    One episode of ``steps`` control steps (a sliding cache: at least two slides) per instruction of the config;
+    each policy feeds back its own previous chunk, as in deployment. Reports the max abs differences of the frame
+    hidden states, the Action-DiT condition and the normalised actions, the spread of the reference actions and
+    the fraction not clipped to +-1 (action parity only means something for actions that vary and are not
+    saturated), and ``passed`` against ``TOLERANCES[precision]``.
     """
-    steps = min(steps, model.cfg.max_blocks)
-    ref = RecordingTorchPolicy(
+    cfg = model.cfg  # a sliding cache is checked across two slides, a static one up to its length
+    steps = max(steps, 2 * cfg.max_blocks + 1) if cfg.overflow == "slide" else min(steps, cfg.max_blocks)
+    ref = TorchPolicy(
         model, normalizer, sampler=engine.bundle.manifest["sampler"]["kind"], steps=engine.denoise_steps
     )
     rng = np.random.default_rng(seed)

@@ -70,9 +70,13 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
     limit_episodes: Annotated[int | None, typer.Option(help="Use only the first N episodes.")] = None,
     stop_at: Annotated[int | None, typer.Option(help="Stop (resumably) after this step.")] = None,
+    window: Annotated[int, typer.Option(help="Train on windows of N blocks cut anywhere in the episode and deploy "
+                                             "with a sliding cache of N blocks (0: whole episodes).")] = 0,
+    precision: Annotated[str, typer.Option(help="Forward-pass autocast: auto (bf16 where the CPU has native "
+                                                 "bf16), bf16 or fp32.")] = "auto",
     model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable.")] = [],  # noqa: B006
 ) -> None:
-    """Train PAR with teacher forcing over whole episodes. Under `torchrun` it trains with DDP."""
+    """Train PAR with teacher forcing over whole episodes (or windows: --window). Under `torchrun`: DDP."""
     from par_deploy.train.trainer import TrainConfig
     from par_deploy.train.trainer import train as run_train
 
@@ -86,7 +90,8 @@ def train(
         except json.JSONDecodeError:
             overrides[key] = value  # a bare string
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, save_every=save_every,
-                     threads=threads, seed=seed, limit_episodes=limit_episodes, model_overrides=overrides)
+                     threads=threads, seed=seed, limit_episodes=limit_episodes, precision=precision, window=window,
+                     model_overrides=overrides)
     final = run_train(data, out, preset, tc, stop_at=stop_at)
     typer.echo(f"checkpoint: {final}" if final else f"stopped at step {stop_at}; run again to resume")
 

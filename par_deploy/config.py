@@ -35,6 +35,7 @@ TEXT_EMBEDS = ("linear", "nova")
 POS_EMBEDS = ("learned", "sincos")
 SPATIAL_CONDS = ("add", "prepend")
 FRAME_MLPS = ("mar", "nova")
+OVERFLOWS = ("error", "slide")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
@@ -46,7 +47,11 @@ class PARConfig:
     action_dim: int = 4  # pd_ee_delta_pos: xyz delta + gripper
     state_dim: int = 0  # embodiment/task state per step (0: no state token)
     chunk_len: int = 8  # L: actions per chunk = action tokens per block
-    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode
+    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode or the window
+    # What happens when an episode outgrows the cache: "error" (CacheFullError; the model saw whole episodes from
+    # their first block), or "slide": keep the newest max_blocks // 2 blocks and re-encode them at positions from 0,
+    # for a model trained on windows of max_blocks blocks cut anywhere in the episode (`par-deploy train --window`).
+    overflow: str = "error"
 
     # --- text prefix ---------------------------------------------------------------------------
     instructions: tuple[str, ...] = ("push the cube to the goal region",)
@@ -130,7 +135,8 @@ class PARConfig:
                               ("frame_embed", FRAME_EMBEDS), ("beta_schedule", BETA_SCHEDULES),
                               ("block_norm", BLOCK_NORMS), ("activation", ACTIVATIONS),
                               ("text_attention", TEXT_ATTENTIONS), ("text_embed", TEXT_EMBEDS),
-                              ("pos_embed", POS_EMBEDS), ("spatial_cond", SPATIAL_CONDS), ("frame_mlp", FRAME_MLPS)):
+                              ("pos_embed", POS_EMBEDS), ("spatial_cond", SPATIAL_CONDS), ("frame_mlp", FRAME_MLPS),
+                              ("overflow", OVERFLOWS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:

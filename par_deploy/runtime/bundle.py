@@ -52,7 +52,6 @@ SAMPLER_GRAPHS = ("unrolled", "loop")
 UNROLL_MAX_STEPS = (
     16  # larger K uses the condition + denoise-step loop (export time and graph size grow with K)
 )
-CACHE_OVERFLOW = "error"
 ENGINE_DIRS = {"onnx": "onnx", "torchscript": "torchscript", "tensorrt": "tensorrt"}
 ENGINE_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "tensorrt": ".plan"}
 
@@ -247,16 +246,7 @@ class Bundle:
 
     @property
     def spec(self) -> PolicySpec:
-        c = self.config
-        return PolicySpec(
-            c.num_cameras,
-            c.image_size,
-            c.state_dim,
-            c.action_dim,
-            c.chunk_len,
-            c.max_blocks,
-            tuple(c.instructions),
-        )
+        return PolicySpec.from_config(self.config)
 
     @property
     def steps(self) -> int:
@@ -395,8 +385,11 @@ def open_bundle(
     bad = {k: cache.get(k) for k, v in want_cache.items() if cache.get(k) != v}
     if bad:
         raise BundleError(f"{mpath}: cache sizes {bad} disagree with the model config {want_cache}")
-    if cache.get("overflow") != CACHE_OVERFLOW:
-        raise BundleError(f"{mpath}: unsupported cache overflow policy {cache.get('overflow')!r}")
+    if cache.get("overflow") != cfg.overflow:
+        raise BundleError(
+            f"{mpath}: cache overflow policy {cache.get('overflow')!r} disagrees with the model config's "
+            f"{cfg.overflow!r}; re-export the bundle"
+        )
     if (
         len(sampler.get("timesteps", [])) != sampler["steps"]
         or len(sampler.get("coeffs", [])) != sampler["steps"]

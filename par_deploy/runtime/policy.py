@@ -4,11 +4,18 @@ Control loop (DESIGN §1): at control step n the policy appends block ``[O_{n-1}
 it is given and the chunk it returned last time, BOA at the first step) to its KV-cache, samples the next
 chunk ``A_n`` and returns it denormalised, in the controller's units. The controller executes the whole
 chunk (``chunk_len`` actions) before calling ``act`` again.
+
+When the episode outgrows the static cache (``spec.max_blocks`` blocks) the spec's ``overflow`` decides:
+``"error"`` raises ``CacheFullError``; ``"slide"`` keeps the newest ``max_blocks // 2`` blocks, clears the cache
+and re-encodes them at positions 0, 1, ... (the positions a model trained on windows cut anywhere in the
+episode saw), then goes on. The re-encoding costs ``max_blocks // 2`` extra block steps once every
+``max_blocks - max_blocks // 2`` control steps.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +35,13 @@ class PolicySpec:
     chunk_len: int
     max_blocks: int
     instructions: tuple[str, ...]
+    overflow: str = "error"  # "error" or "slide" (see the module docstring)
+
+    @classmethod
+    def from_config(cls, cfg) -> PolicySpec:
+        """The spec of a model config (``par_deploy.config.PARConfig``)."""
+        return cls(cfg.num_cameras, cfg.image_size, cfg.state_dim, cfg.action_dim, cfg.chunk_len, cfg.max_blocks,
+                   tuple(cfg.instructions), cfg.overflow)
 
 
 class Policy(ABC):
@@ -37,9 +51,11 @@ class Policy(ABC):
     def __init__(self, spec: PolicySpec, normalizer: Normalizer, seed: int = 0):
         self.spec, self.normalizer = spec, normalizer
         self._rng = np.random.default_rng(seed)
-        self._step = 0
+        self._step = 0  # control steps of this episode
+        self._pos = 0  # cache position (block index) of the next block
         self._instruction: str | None = None
         self._prev_chunk = np.zeros((spec.chunk_len, spec.action_dim), np.float32)  # normalised
+        self._window: deque = deque(maxlen=spec.max_blocks)  # inputs of the cached blocks (for "slide")
 
     # -- public API ----------------------------------------------------------------------------
     def reset(self, instruction: str | None = None, seed: int | None = None) -> None:
@@ -52,13 +68,15 @@ class Policy(ABC):
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         self._instruction = instruction
-        self._step = 0
+        self._step = self._pos = 0
         self._prev_chunk[:] = 0
+        self._window.clear()
         self._reset(instruction)
 
     @property
-    def steps_left(self) -> int:
-        return self.spec.max_blocks - self._step
+    def steps_left(self) -> int | float:
+        """Control steps before the cache is full (``inf`` for a sliding cache)."""
+        return float("inf") if self.spec.overflow == "slide" else self.spec.max_blocks - self._step
 
     @property
     def last_chunk(self) -> np.ndarray:
@@ -76,9 +94,10 @@ class Policy(ABC):
         if self._instruction is None:
             raise RuntimeError("call reset(instruction) before act()")
         s = self.spec
-        if self._step >= s.max_blocks:
+        if self._pos >= s.max_blocks and s.overflow != "slide":
             raise CacheFullError(
-                f"episode reached the static KV-cache length ({s.max_blocks} control steps); call reset()"
+                f"episode reached the static KV-cache length ({s.max_blocks} control steps); call reset(), or "
+                "use a checkpoint trained with `par-deploy train --window` (sliding cache)"
             )
         if not isinstance(observation, dict):
             raise TypeError(
@@ -94,7 +113,13 @@ class Policy(ABC):
         if noise is None:
             noise = self._rng.standard_normal(self.noise_shape()).astype(np.float32)
         noise = check_array(noise, "noise", self.noise_shape(), np.float32)
-        chunk = self._act(rgb, state, self._prev_chunk, self._step == 0, self._step, noise)  # normalised
+        if self._pos >= s.max_blocks:
+            self._slide()
+        block = (rgb, state, self._prev_chunk.copy(), self._step == 0)
+        self.step_block(*block, self._pos)
+        if s.overflow == "slide":
+            self._window.append((rgb.copy(), state.copy(), *block[2:]))
+        chunk = self.sample(noise)  # normalised
         if not np.isfinite(chunk).all():
             raise ActionError(
                 f"the policy produced a non-finite action at step {self._step}; refusing to return it"
@@ -102,7 +127,18 @@ class Policy(ABC):
         chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)
         self._prev_chunk[:] = chunk
         self._step += 1
+        self._pos += 1
         return self.normalizer.denormalize_action(chunk)
+
+    def _slide(self) -> None:
+        """Keep the newest ``max_blocks // 2`` blocks, re-encoded at positions 0, 1, ... of a cleared cache."""
+        keep = list(self._window)[len(self._window) - self.spec.max_blocks // 2 :]
+        self._window.clear()
+        self._reset(self._instruction)
+        for pos, block in enumerate(keep):
+            self.step_block(*block, pos)
+            self._window.append(block)
+        self._pos = len(keep)
 
     # -- backend hooks -------------------------------------------------------------------------
     @property
@@ -115,6 +151,10 @@ class Policy(ABC):
         """Clear the cache and write the instruction's text prefix."""
 
     @abstractmethod
-    def _act(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int,
-             noise: np.ndarray) -> np.ndarray:
-        """Append block ``step`` and sample the next chunk (normalised ``[L, A]``)."""
+    def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, pos: int) -> None:
+        """Append one block (normalised inputs; ``first``: its action part is BOA) at cache position ``pos``
+        and keep its Action-DiT condition for ``sample``."""
+
+    @abstractmethod
+    def sample(self, noise: np.ndarray) -> np.ndarray:
+        """Sample the next chunk (normalised ``[L, A]``) from the last block's condition; noise ``[K+1, L, A]``."""
