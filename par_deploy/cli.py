@@ -80,15 +80,7 @@ def train(
     from par_deploy.train.trainer import TrainConfig
     from par_deploy.train.trainer import train as run_train
 
-    overrides = {}
-    for item in model:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--model expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a bare string
+    overrides = _model_overrides(model)
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, save_every=save_every,
                      threads=threads, seed=seed, limit_episodes=limit_episodes, precision=precision, window=window,
                      model_overrides=overrides)
