@@ -83,8 +83,8 @@ def verify_checksums(path: Path) -> bool:
         if got != want:
             raise CheckpointError(
                 f"{path / name}: sha256 {got} differs from {want} recorded in {CHECKSUM_FILE}: the file was "
-                "modified, truncated or corrupted; restore it from the original checkpoint (or, if the edit was deliberate, "
-                "re-save with par_deploy.checkpoint.write_checksums)"
+                "modified, truncated or corrupted; restore it from the original checkpoint (or, if the edit was "
+                "deliberate, re-save with par_deploy.checkpoint.write_checksums)"
             )
     return True
 
