@@ -1,18 +1,60 @@
-"""The ``par-deploy`` command line. It only parses arguments and calls importable functions."""
+"""The ``par-deploy`` command line. It only parses arguments and calls importable functions.
+
+Errors: every command is registered through ``command``, which turns a ``ParError`` (a bad input the user can
+fix) into one red line on stderr, ``error: <file or input>: <what is wrong and what to do>``, and exit code 2.
+``par-deploy --debug CMD`` or ``PAR_DEBUG=1`` shows the traceback instead. Other exceptions are bugs and
+always show their traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from par_deploy.errors import ConfigError, ParError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Train, export, benchmark and evaluate Physical Autoregressive Model (PAR) policies.")
+_options = {"debug": False}
 
 
-@app.command()
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error (also: PAR_DEBUG=1).")] = False,
+) -> None:
+    _options["debug"] = debug
+
+
+def _debug() -> bool:
+    return _options["debug"] or os.environ.get("PAR_DEBUG", "") not in ("", "0")
+
+
+def command(*args, **kwargs):
+    """``app.command`` for a function whose ``ParError`` becomes one red line and exit code 2."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except ParError as e:
+                if _debug():
+                    raise
+                message = " ".join(str(e).split())  # one line, whatever the message holds
+                typer.secho(f"error: {message} (traceback: PAR_DEBUG=1)", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
+
+
+@command()
 def info(
     preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
     checkpoint: Annotated[Path | None, typer.Option(help="Describe this checkpoint instead of a preset.")] = None,
@@ -23,7 +65,7 @@ def info(
     describe(preset, checkpoint)
 
 
-@app.command()
+@command()
 def demo(
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to run (default: the shipped one).")] = None,
     steps: Annotated[int, typer.Option(help="Control steps to run (0: the whole episode).")] = 0,
@@ -35,7 +77,7 @@ def demo(
     run_demo(checkpoint, steps, seed)
 
 
-@app.command()
+@command()
 def demos(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     n: Annotated[int, typer.Option("-n", help="Number of successful demonstrations to keep.")] = 100,
@@ -56,7 +98,7 @@ def demos(
     typer.echo(str(summary))
 
 
-@app.command()
+@command()
 def train(
     data: Annotated[Path, typer.Argument(help="Demonstration directory written by `par-deploy demos`.")],
     out: Annotated[Path, typer.Option(help="Run directory (state, metrics, checkpoints). Resumes if present.")],
@@ -121,7 +163,7 @@ def init_checkpoint(
     typer.echo(f"checkpoint: {out}")
 
 
-@app.command()
+@command()
 def render(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     data: Annotated[Path, typer.Option(help="Demonstration directory.")],
@@ -135,7 +177,7 @@ def render(
     typer.echo(str(render_predictions(checkpoint, data, episode, out, steps)))
 
 
-@app.command()
+@command()
 def slim(
     checkpoint: Annotated[Path, typer.Argument(help="Full checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Deployment checkpoint directory to write.")],
@@ -147,12 +189,14 @@ def slim(
 
     from par_deploy.checkpoint import make_deployment_checkpoint
 
+    if dtype not in ("float16", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype!r}: choose float16 or bfloat16")
     path = make_deployment_checkpoint(checkpoint, out, getattr(torch, dtype), keep_frame_head)
     size = sum(f.stat().st_size for f in path.iterdir())
     typer.echo(f"{path}: {size / 1e6:.1f} MB")
 
 
-@app.command()
+@command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
@@ -179,7 +223,7 @@ def export(
         report_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
-@app.command()
+@command()
 def bench(
     engine: Annotated[Path, typer.Option(help="Bundle directory.")],
     reference: Annotated[Path | None, typer.Option(help="Checkpoint of the PyTorch reference.")] = None,
@@ -192,7 +236,7 @@ def bench(
     run_bench(engine, reference, json_out, plot)
 
 
-@app.command()
+@command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -222,7 +266,7 @@ def serve(
         raise typer.Exit(2) from None
 
 
-@app.command(name="eval")
+@command(name="eval")
 def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
@@ -247,17 +291,12 @@ def evaluate(
     timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
 ) -> None:
     """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
-    from par_deploy.errors import ParError
     from par_deploy.evaluate import run_eval
 
-    try:
-        run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
-                 seeds=seeds, workers=workers, threads=threads, json_path=json_out, video_dir=video,
-                 compare=compare, max_steps=max_steps, control_mode=control_mode, stop_on_success=stop_on_success,
-                 timeout=timeout)
-    except ParError as e:  # a message the user can act on; no traceback
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
+             seeds=seeds, workers=workers, threads=threads, json_path=json_out, video_dir=video,
+             compare=compare, max_steps=max_steps, control_mode=control_mode, stop_on_success=stop_on_success,
+             timeout=timeout)
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ def run_demo(checkpoint: Path | None = None, steps: int = 0, seed: int = 0, cons
 
         def random_obs():
             return {"rgb": rng.integers(0, 256, (s.num_cameras, s.image_size, s.image_size, 3), dtype=np.uint8),
-                    "state": rng.standard_normal(s.state_dim).astype(np.float32)}
+                    "state": policy.normalizer.sample_state(rng)}
         obs = random_obs()
     policy.reset()
     limit = steps or s.max_blocks

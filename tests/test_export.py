@@ -269,7 +269,8 @@ def test_argument_and_directory_errors(tiny, tmp_path):
         export_bundle(ckpt, tmp_path / "x", sampler="euler", progress=False)
     with pytest.raises(ExportError, match="not empty"):
         export_bundle(ckpt, report.bundle_dir, progress=False)
-    with pytest.raises(BundleError, match="no tensorrt engines"):
+    # without TensorRT/CUDA that is what is missing; with them, the bundle's engines are
+    with pytest.raises((BackendUnavailable, BundleError), match="TensorRT|no tensorrt engines"):
         load_policy(report.bundle_dir, "tensorrt")
     with pytest.raises(BundleError, match="unknown backend"):
         load_policy(report.bundle_dir, "tflite")

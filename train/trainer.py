@@ -4,7 +4,9 @@ checkpoints, exact resume, JSONL metrics, a rich progress bar; DDP when launched
 Run directory layout::
 
     <run>/train_config.json     TrainConfig of the run (a resumed run must use the same one)
-    <run>/state.pt              resumable training state (weights, EMA, optimizer, data position, RNG states)
+    <run>/state.safetensors     resumable training state: weights, EMA, optimizer tensors, torch RNG states
+    <run>/state.json            the rest of it (step, data position, numpy/Python RNG states); no pickle,
+                                see par_deploy.train.resume
     <run>/metrics.jsonl         one JSON line per logged step
     <run>/checkpoints/step_XXXXXXX/   self-describing checkpoints (EMA weights), see par_deploy.checkpoint
     <run>/final/                the last checkpoint (EMA weights)
@@ -16,19 +18,19 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from par_deploy.checkpoint import save_pretrained
 from par_deploy.config import preset
+from par_deploy.errors import ConfigError
 from par_deploy.model.par import PARModel
 from par_deploy.train.dataset import BatchSampler, EpisodeDataset
+from par_deploy.train.resume import has_state, load_state, rng_state, save_state, set_rng_state
 
 
 @dataclass
@@ -60,11 +62,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "save_every", "log_every", "threads"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be positive")
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
         if self.window < 0 or self.window == 1:
-            raise ValueError(f"TrainConfig.window must be 0 (whole episodes) or >= 2 blocks, got {self.window}")
+            raise ConfigError(f"TrainConfig.window must be 0 (whole episodes) or >= 2 blocks, got {self.window}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -102,16 +104,6 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
 def _dist_info() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -131,7 +123,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
     rank, world = _dist_info()
     torch.set_num_threads(tc.threads)
     if tc.batch_size % world:
-        raise ValueError(f"batch_size {tc.batch_size} must be divisible by the number of processes ({world})")
+        raise ConfigError(f"batch_size {tc.batch_size} must be divisible by the number of processes ({world})")
 
     data = EpisodeDataset(data_dir, tc.limit_episodes)
     fields = data.model_fields()
@@ -153,18 +145,18 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
     sampler = BatchSampler(data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world)
     step = 0
 
-    state_path = run / "state.pt"
-    if state_path.exists():  # exact resume
+    if has_state(run):  # exact resume
         tc_saved = json.loads((run / "train_config.json").read_text())
         if tc_saved != _tc_json(tc):
-            raise ValueError(f"{run}: resuming with a different TrainConfig than the run was started with")
-        st = torch.load(state_path, weights_only=False)
+            raise ConfigError(f"{run}: resuming with a different TrainConfig than the run was started with; "
+                              f"pass the options in {run / 'train_config.json'} or use a new --out")
+        st = load_state(run, rank, world)
         model.load_state_dict(st["model"])
         ema.shadow = st["ema"]
         opt.load_state_dict(st["optimizer"])
         sampler.load_state_dict(st["sampler"])
         step = st["step"]
-        _set_rng_state(st["rng"][rank] if isinstance(st["rng"], list) else st["rng"])
+        set_rng_state(st["rng"])
     elif rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(_tc_json(tc), indent=2) + "\n")
@@ -232,18 +224,14 @@ def _tc_json(tc: TrainConfig) -> dict:
 
 
 def _save_state(run, model, ema, opt, sampler, step, data, rank, world) -> None:
-    rng = _rng_state()
+    rngs = [rng_state()]
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
     if rank != 0:
         return
-    state = {"model": model.state_dict(), "ema": ema.shadow, "optimizer": opt.state_dict(),
-             "sampler": sampler.state_dict(), "step": step, "rng": rng}
-    tmp = run / "state.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(run / "state.pt")
+    save_state(run, step, model.state_dict(), ema.shadow, opt.state_dict(), sampler.state_dict(), rngs)
     save_pretrained(model, data.normalizer, run / "checkpoints" / f"step_{step:07d}", state_dict=ema.shadow)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,8 +273,13 @@ class Bundle:
         """Keys and values ``[instructions, layers, 1, heads, K_t, head_dim]`` (float32), loaded once."""
         if self._prefix is None:
             path = self.path / self.manifest["text_prefix"]["file"]
-            with np.load(path) as z:
-                k, v = z["k"].astype(np.float32), z["v"].astype(np.float32)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    k, v = z["k"].astype(np.float32), z["v"].astype(np.float32)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                raise BundleError(
+                    f"{path}: unreadable text prefix ({type(e).__name__}: {e}); re-export the bundle"
+                ) from None
             c = self.config
             expected = (len(c.instructions), c.depth, 1, c.heads, c.num_text_tokens, c.dim // c.heads)
             for name, a in (("k", k), ("v", v)):

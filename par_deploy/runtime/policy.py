@@ -10,18 +10,46 @@ When the episode outgrows the static cache (``spec.max_blocks`` blocks) the spec
 and re-encodes them at positions 0, 1, ... (the positions a model trained on windows cut anywhere in the
 episode saw), then goes on. The re-encoding costs ``max_blocks // 2`` extra block steps once every
 ``max_blocks - max_blocks // 2`` control steps.
+
+Threads: ``act`` and ``reset`` of one policy object are serialised by a per-object lock, so concurrent calls
+from several controller threads run one after the other and each sees a consistent cache (they still share
+one episode). Separate policy objects share nothing and run in parallel. The backend hooks (``step_block``,
+``sample``) are not locked: they are for single-threaded measurement code.
+
+Input range: the state must lie within ``STATE_BOUND`` training standard deviations of the training mean
+(normalised ``|s| <= 1e4``); anything further is refused before it reaches the cache (``InputError``). If a
+backend ever produces a non-finite value anyway, ``act`` raises ``ActionError`` and keeps refusing until
+``reset()`` starts a new episode: a cache that may hold non-finite values is never reused silently.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from par_deploy.errors import ActionError, CacheFullError
+from par_deploy.errors import ActionError, CacheFullError, InputError
 from par_deploy.normalize import Normalizer, check_array
+
+# |normalised state| allowed, in training standard deviations. Measured: the shipped checkpoint's 120 demos reach
+# 7.4; a near-constant dimension (its tcp quaternion w, std 5e-4) is ~4e3 away at the other end of its physical
+# range; float32 overflows inside the transformer between 1e20 and 1e25 (then the cache holds inf/NaN).
+STATE_BOUND = 1e4
+
+
+def _serialised(method):
+    """Run ``method`` under the policy object's lock (see the module docstring)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -56,8 +84,11 @@ class Policy(ABC):
         self._instruction: str | None = None
         self._prev_chunk = np.zeros((spec.chunk_len, spec.action_dim), np.float32)  # normalised
         self._window: deque = deque(maxlen=spec.max_blocks)  # inputs of the cached blocks (for "slide")
+        self._lock = threading.Lock()
+        self._poisoned_at: int | None = None  # step whose output was non-finite: reset() required
 
     # -- public API ----------------------------------------------------------------------------
+    @_serialised
     def reset(self, instruction: str | None = None, seed: int | None = None) -> None:
         """Start a new episode (clears the cache; keeps every buffer allocated)."""
         instruction = self.spec.instructions[0] if instruction is None else instruction
@@ -71,6 +102,7 @@ class Policy(ABC):
         self._step = self._pos = 0
         self._prev_chunk[:] = 0
         self._window.clear()
+        self._poisoned_at = None
         self._reset(instruction)
 
     @property
@@ -86,6 +118,7 @@ class Policy(ABC):
     def noise_shape(self) -> tuple[int, ...]:
         return (self.denoise_steps + 1, self.spec.chunk_len, self.spec.action_dim)
 
+    @_serialised
     def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
         """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
 
@@ -93,6 +126,11 @@ class Policy(ABC):
         """
         if self._instruction is None:
             raise RuntimeError("call reset(instruction) before act()")
+        if self._poisoned_at is not None:
+            raise ActionError(
+                f"the policy produced non-finite values at step {self._poisoned_at} of this episode and its "
+                "cache may hold them; call reset() to start a new episode"
+            )
         s = self.spec
         if self._pos >= s.max_blocks and s.overflow != "slide":
             raise CacheFullError(
@@ -107,7 +145,7 @@ class Policy(ABC):
                           (s.num_cameras, s.image_size, s.image_size, 3), np.uint8)
         if s.state_dim:
             state = check_array(observation.get("state"), "observation['state']", (s.state_dim,), np.float32)
-            state = self.normalizer.normalize_state(state)
+            state = check_state_range(self.normalizer.normalize_state(state))
         else:
             state = np.zeros(0, np.float32)
         if noise is None:
@@ -121,8 +159,10 @@ class Policy(ABC):
             self._window.append((rgb.copy(), state.copy(), *block[2:]))
         chunk = self.sample(noise)  # normalised
         if not np.isfinite(chunk).all():
+            self._poisoned_at = self._step
             raise ActionError(
-                f"the policy produced a non-finite action at step {self._step}; refusing to return it"
+                f"the policy produced a non-finite action at step {self._step}; refusing to return it. Its cache "
+                "may hold non-finite values: call reset() to start a new episode"
             )
         chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)
         self._prev_chunk[:] = chunk
@@ -158,3 +198,15 @@ class Policy(ABC):
     @abstractmethod
     def sample(self, noise: np.ndarray) -> np.ndarray:
         """Sample the next chunk (normalised ``[L, A]``) from the last block's condition; noise ``[K+1, L, A]``."""
+
+
+def check_state_range(state: np.ndarray) -> np.ndarray:
+    """Refuse a normalised state beyond ``STATE_BOUND`` (``InputError`` names the dimension)."""
+    i = int(np.argmax(np.abs(state)))
+    if abs(float(state[i])) > STATE_BOUND:
+        raise InputError(
+            f"observation['state'][{i}] is {float(state[i]):.3g} training standard deviations from the training "
+            f"mean (allowed: {STATE_BOUND:g}); check the state's units and keys against the checkpoint's "
+            "normalization.json. Nothing was written to the cache"
+        )
+    return state
