@@ -58,7 +58,7 @@ class RemotePolicy:
         self.info: dict[str, Any] = hello  # backend, bundle_hash, denoise_steps, noise_shape, ...
         self.spec: PolicySpec = protocol.spec_from_dict(hello.get("spec"))
         self._max_message = int(hello.get("max_message_bytes", 0))
-        self._steps_left = self.spec.max_blocks
+        self._steps_left: int | float = float("inf") if self.spec.overflow == "slide" else self.spec.max_blocks
         self.last_timing: dict[str, float] = {}  # server_ms, compute_ms, round_trip_ms of the last call
 
     # -- the runtime Policy interface ------------------------------------------------------------------
@@ -77,8 +77,8 @@ class RemotePolicy:
         return actions
 
     @property
-    def steps_left(self) -> int:
-        """Control steps left before the server's cache is full (as of the last reply)."""
+    def steps_left(self) -> int | float:
+        """Control steps left before the server's cache is full (as of the last reply; ``inf``: sliding cache)."""
         return self._steps_left
 
     @property
@@ -117,6 +117,8 @@ class RemotePolicy:
         steps_left, timing = reply.get("steps_left"), reply.get("timing")
         if isinstance(steps_left, int):
             self._steps_left = steps_left
+        elif steps_left is None and self.spec.overflow == "slide":
+            self._steps_left = float("inf")
         if isinstance(timing, dict):
             self.last_timing = {k: float(v) for k, v in timing.items() if isinstance(v, int | float)}
         self.last_timing["round_trip_ms"] = round_trip

@@ -268,3 +268,22 @@ def test_array_wire_format_round_trip_and_limits():
         protocol.decode_array({"dtype": "uint8", "shape": [1] * 9, "data": b"\0"}, "x", 8)
     with pytest.raises(ProtocolError, match="keys dtype, shape, data"):
         protocol.decode_array({"dtype": "uint8", "shape": [1], "data": b"\0", "code": "x"}, "x", 8)
+
+
+def test_sliding_cache_bundle_runs_past_its_length_through_the_server(tmp_path):
+    """A bundle with overflow "slide": the handshake says so, steps_left is unlimited, and 3x max_blocks control
+    steps through the server equal the in-process runtime's chunks."""
+    ckpt = randomized_checkpoint("tiny", tmp_path / "ckpt", scale=0.05, max_blocks=3, overflow="slide")
+    slide = export_bundle(ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
+    local = runtime.load(slide, "onnx")
+    rng = np.random.default_rng(5)
+    with ServerThread(PolicyServer(slide, "onnx", threads=1, pool_size=1, max_clients=2)) as st, \
+            RemotePolicy(st.url) as remote:
+        assert remote.spec == local.spec and remote.spec.overflow == "slide"
+        for policy in (local, remote):
+            policy.reset(seed=0)
+        for step in range(3 * local.spec.max_blocks):
+            noise = rng.standard_normal(local.noise_shape()).astype(np.float32)
+            obs = _obs(local.spec, step)
+            np.testing.assert_array_equal(remote.act(obs, noise), local.act(obs, noise))
+            assert remote.steps_left == float("inf")

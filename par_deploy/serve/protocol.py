@@ -14,7 +14,7 @@ Messages (``PROTOCOL_VERSION`` 1):
   "max_message_bytes": int}``
 - client -> server: ``{"op": "reset", "instruction": str | None, "seed": int | None}`` or
   ``{"op": "act", "observation": {"rgb": array, "state": array}, "noise": array | None}``
-- server -> client, one per request: ``{"ok": true, "steps_left": int, "timing": {...}}`` (+ ``"actions"``: array
+- server -> client, one per request: ``{"ok": true, "steps_left": int | None, "timing": {...}}`` (+ ``"actions"``: array
   ``[L, A]`` for ``act``) or ``{"ok": false, "error": {"type": name, "message": str}, "steps_left": int,
   "timing": {...}}``. ``timing``: ``server_ms`` (message received -> reply encoded), ``compute_ms`` (inside the
   policy). Error ``type`` is one of ``ERROR_TYPES``; the client raises that class.
@@ -212,7 +212,10 @@ def spec_from_dict(d: Any) -> PolicySpec:
         raise ProtocolError("hello: 'spec' must be a map")
     names = [f.name for f in dataclasses.fields(PolicySpec)]  # fields a newer server adds are ignored
     try:
-        ints = {k: int(d[k]) for k in names if k != "instructions"}
-        return PolicySpec(**ints, instructions=tuple(str(s) for s in d["instructions"]))
+        ints = {k: int(d[k]) for k in names if k not in ("instructions", "overflow")}
+        overflow = str(d.get("overflow", "error"))
+        if overflow not in ("error", "slide"):
+            raise ValueError(f"overflow {overflow!r}")
+        return PolicySpec(**ints, instructions=tuple(str(s) for s in d["instructions"]), overflow=overflow)
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"hello: invalid policy spec ({e})") from None

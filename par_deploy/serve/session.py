@@ -47,7 +47,8 @@ class Session:
                 else:
                     log.exception("request failed")
                 reply = protocol.error_reply(e)
-            reply["steps_left"] = self.policy.steps_left
+            left = self.policy.steps_left
+            reply["steps_left"] = None if left == float("inf") else left  # None: a sliding cache never fills
             reply["timing"] = {"compute_ms": compute_ms, "server_ms": (time.perf_counter() - t0) * 1e3}
             return protocol.pack(reply)
         finally:
