@@ -11,9 +11,13 @@ from par_deploy.reference import TorchPolicy
 from par_deploy.runtime.engine import BundlePolicy
 from par_deploy.synthetic import synthetic_batch
 
+# int8 (dynamically quantized transformer-step weights): measured on the shipped PushCube checkpoint: hidden
+# 0.018, condition 0.19, actions 0.009 (reference actions' std 0.30); the closed-loop check is `eval --compare`
+INT8_HIDDEN, INT8_ACTIONS = 0.25, 0.05
 TOLERANCES = {  # max abs diff allowed: hidden states / condition, normalised actions
     "fp32": {"hidden": 1e-4, "actions": 1e-3},
     "fp16": {"hidden": 5e-2, "actions": 5e-2},
+    "int8": {"hidden": INT8_HIDDEN, "actions": INT8_ACTIONS},
 }
 
 

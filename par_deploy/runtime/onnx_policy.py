@@ -26,6 +26,7 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
     "tensor(int32)": "int32",
 }
+ONNX_PRECISIONS = ("fp32", "int8")  # int8: dynamically quantized MatMul weights, fp32 graph inputs/outputs
 _ALIASES = {"cond": "action_cond"}  # sampler/condition input ``cond`` is the step's ``action_cond`` buffer
 
 
@@ -60,7 +61,9 @@ def _signature(args) -> list[TensorSpec]:
 class OnnxPolicy(BundlePolicy):
     """Runs a bundle's ONNX graphs with ONNX Runtime (CPU by default).
 
-    ``threads``: intra-op threads per session (None: 1). ``providers``: ONNX Runtime execution providers
+    Bundle precisions: ``fp32`` and ``int8`` (``par_deploy.export.precision``: the quantized graphs keep fp32
+    inputs and outputs, so the buffers and bindings are the same). ``threads``: intra-op threads per session
+    (None: 1). ``providers``: ONNX Runtime execution providers
     (default ``["CPUExecutionProvider"]``; buffers live in host memory, so other providers copy per call).
     """
 
@@ -69,10 +72,11 @@ class OnnxPolicy(BundlePolicy):
     def __init__(
         self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None
     ):
-        if bundle.precision != "fp32":
+        if bundle.precision not in ONNX_PRECISIONS:
             raise BackendUnavailable(
                 f"{bundle.path}: bundle precision is {bundle.precision}; the ONNX Runtime CPU backend runs "
-                "fp32 only (re-export with precision='fp32', or use the tensorrt backend for fp16)"
+                f"{' and '.join(ONNX_PRECISIONS)} bundles (re-export with one of them, or use the tensorrt "
+                "backend for fp16)"
             )
         super().__init__(bundle, seed)
         ort = _import_ort()
