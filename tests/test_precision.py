@@ -105,3 +105,20 @@ def _rgb(policy):
 
 def _state(policy):
     return np.zeros(policy.spec.state_dim, np.float32)
+
+
+def test_profile_reports_node_counts_and_op_times(bundles):
+    from par_deploy.export.ort_profile import format_profile, profile_bundle
+
+    _, reports = bundles
+    prof = {p: profile_bundle(reports[p].bundle_dir, runs=3) for p in ("fp32", "int8")}
+    for p in prof.values():
+        assert set(p) == {"step", "sampler"}
+        for g in p.values():
+            assert g["nodes"] == sum(g["nodes_by_op"].values()) > 0 and g["optimized_nodes"] > 0
+            assert sum(o["share"] for o in g["ops_by_time"]) == pytest.approx(1.0)
+            assert g["kernel_ms_per_run"] > 0
+    assert "MatMulInteger" in prof["int8"]["step"]["nodes_by_op"]
+    assert "MatMulInteger" not in prof["fp32"]["step"]["nodes_by_op"]
+    assert prof["int8"]["sampler"]["nodes_by_op"] == prof["fp32"]["sampler"]["nodes_by_op"]  # kept fp32
+    assert "after ONNX Runtime's optimizer" in format_profile(prof["int8"])
