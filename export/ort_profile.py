@@ -1,8 +1,9 @@
 """Where a bundle's ONNX graphs spend their time: ONNX Runtime's profiler, node counts before/after its optimizer.
 
-``python -m par_deploy.export.ort_profile BUNDLE [--runs N] [--json OUT]`` prints, per graph: the node count per
-op type of the file and of the graph ONNX Runtime actually runs (``ORT_ENABLE_ALL``, as the runtime loads it),
-and the kernel time per op type per run (top ops), on random inputs of the manifest's shapes, one thread.
+``python -m par_deploy.export.ort_profile BUNDLE [--runs N] [--json OUT]`` prints, per graph: the node count
+per op type of the file and of the graph ONNX Runtime actually runs (``ORT_ENABLE_ALL`` minus the runtime's
+``DISABLED_OPTIMIZERS``, as the runtime loads it), and the kernel time per op type per run (top ops), on random
+inputs of the manifest's shapes, one thread.
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ def _feeds(spec, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def profile_graph(path: Path, spec, runs: int = 50, seed: int = 0) -> dict:
     """Node counts (file / as optimized by ONNX Runtime) and kernel ms per run by op type, one thread."""
-    import onnxruntime as ort
-
-    from par_deploy.runtime.onnx_policy import session_options
+    from par_deploy.runtime.onnx_policy import create_session, session_options
 
     with tempfile.TemporaryDirectory(prefix="par-profile-") as tmp:
         so = session_options(1)
@@ -57,7 +56,7 @@ def profile_graph(path: Path, spec, runs: int = 50, seed: int = 0) -> dict:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "profile")
         so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = create_session(path, so)
         optimized = node_counts(Path(so.optimized_model_filepath))
         feeds = _feeds(spec, np.random.default_rng(seed))
         for _ in range(runs):
