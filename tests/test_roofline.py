@@ -50,8 +50,9 @@ def test_sgemm_probe_and_fractions():
     comp = {k: summarize(v) for k, v in interleaved(cases, 3, 1).items()}
     comp["engine/control_step"] = {"p50": 2.0}  # ms
     comp["engine/other"] = {"p50": 1.0}  # not a counted component: skipped
+    comp["naive_k/control_step"] = {"p50": 9.0}  # recomputes the history: not the counted work, skipped
     sgemm = roofline.split_sgemm(comp, cases, cfg)
-    assert set(comp) == {"engine/control_step", "engine/other"}  # the probe's timings left the components
+    assert set(comp) == {"engine/control_step", "engine/other", "naive_k/control_step"}  # sgemm timings left
     m, k, n = sgemm["step_shape"]["shape_mkn"]
     assert (m, k, n) == (cfg.block_len, cfg.dim, int(cfg.dim * cfg.mlp_ratio))
     for s in sgemm.values():
