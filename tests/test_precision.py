@@ -122,3 +122,16 @@ def test_profile_reports_node_counts_and_op_times(bundles):
     assert "MatMulInteger" not in prof["fp32"]["step"]["nodes_by_op"]
     assert prof["int8"]["sampler"]["nodes_by_op"] == prof["fp32"]["sampler"]["nodes_by_op"]  # kept fp32
     assert "after ONNX Runtime's optimizer" in format_profile(prof["int8"])
+
+
+def test_engines_compare_fp32_and_int8_in_one_run(bundles):
+    from par_deploy.bench.engines import compare
+
+    _, reports = bundles
+    r = compare(reports["fp32"].bundle_dir, reports["int8"].bundle_dir, reps=2, warmup=1)
+    assert (r["a"]["precision"], r["b"]["precision"]) == ("fp32", "int8")
+    for key in ("b_over_a", "a_over_reference", "b_over_reference"):
+        assert set(r[key]) == {"transformer_step", "sampler", "control_step"}
+        assert all(v > 0 and np.isfinite(v) for v in r[key].values())
+    assert r["b_over_a"]["control_step"] == pytest.approx(
+        r["p50_ms"]["a/control_step"] / r["p50_ms"]["b/control_step"])
