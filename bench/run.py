@@ -344,7 +344,7 @@ def run_bench(engine: Path | None, reference: Path | None = None, json_out: Path
     if engine is None:
         resolved = task_bundle(task, Console(stderr=True))
         Console().print(f"{task}: {resolved.describe()}")
-        engine = resolved.bundle
+        engine, reference = resolved.bundle, reference or resolved.checkpoint
     result = bench(engine, reference, options)
     print_report(result)
     if json_out:

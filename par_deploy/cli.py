@@ -183,12 +183,12 @@ def evaluate(
     sampler: Annotated[str | None, typer.Option(help="Checkpoint only: ddim or ddpm (default: its own).")] = None,
     steps: Annotated[int | None, typer.Option(help="Checkpoint only: denoising steps K.")] = None,
     states: Annotated[int | None, typer.Option(
-        help="Initial states i = 0..N-1 (env.reset(seed=SEED_BASE + i)); each runs with every policy seed, so "
-             "episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
+        help="Initial states i = 0 .. N-1 (the environment reset with seed SEED_BASE + i); each runs with every "
+             "policy seed, so episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
              "--states 125 --seeds 0.")] = None,
     seeds: Annotated[str, typer.Option(
         help="Policy (noise) seeds as a list, e.g. 0-4, 0,1,2 or 0 (one seed).")] = "0-4",
-    seed_base: Annotated[int, typer.Option(help="Initial state i is env.reset(seed=SEED_BASE + i).")] = 500_000,
+    seed_base: Annotated[int, typer.Option(help="Initial state i is reset with seed SEED_BASE + i.")] = 500_000,
     episodes: Annotated[int | None, typer.Option(
         help="Run only the first N episodes of states x seeds (state-major order).")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes, one core each (0: in this process).")] = 1,

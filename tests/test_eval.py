@@ -657,6 +657,16 @@ def test_demo_runs_the_shared_episode_loop(shipped, monkeypatch):
     assert "bundle bundles/pushcube (up to date)" in text and "step 2: chunk (4, 4)" in text
 
 
+def test_bench_without_engine_measures_the_task_bundle(shipped):
+    from par_deploy.bench import BenchOptions
+    from par_deploy.bench.run import run_bench
+
+    result = run_bench(None, options=BenchOptions(reps=2, warmup=1, ks=(), memory=False, progress=False),
+                       task="PushCube")
+    assert Path(result["bundle"]).resolve() == shipped / "bundles" / "pushcube"
+    assert Path(result["reference"]).resolve() == shipped / "checkpoints" / "pushcube-cpu-small"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The simulator
 
@@ -695,3 +705,18 @@ def test_cli_eval_in_maniskill(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["runs"]["reference"]["episodes"] == run["episodes"]
+
+
+@pytest.mark.sim
+def test_resumed_evaluation_in_maniskill_equals_uninterrupted(tmp_path):
+    """ManiSkill's CPU physics keeps state across reset: an episode must not depend on the ones before it."""
+    ckpt = _checkpoint(tmp_path / "ckpt", image_size=64)
+    kw = {"episodes": 3, "seeds": (0,), "max_steps": 10, "workers": 0, "progress": False}
+    whole = evaluate("PushCube", CheckpointSource(ckpt), json_path=tmp_path / "a.json", **kw)
+    evaluate("PushCube", CheckpointSource(ckpt), json_path=tmp_path / "b.json", **{**kw, "episodes": 1})
+    resumed = evaluate("PushCube", CheckpointSource(ckpt), json_path=tmp_path / "b.json", **kw)
+    assert resumed.skipped == {"reference": 1}
+    a, b = whole.main.episodes, resumed.main.episodes
+    assert [r.state for r in a] == [r.state for r in b] == [0, 1, 2]
+    assert [r.trajectory_sha1 for r in a] == [r.trajectory_sha1 for r in b]
+    assert [r.success_step for r in a] == [r.success_step for r in b] and all(r.length == 10 for r in a)

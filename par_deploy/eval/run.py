@@ -125,10 +125,10 @@ def evaluate(
     json_path = Path(json_path) if json_path is not None else None
     doc = load_resume(json_path, protocol, identities)
     doc["machine"], doc["command"] = machine_info(), command
-    doc["arguments"] = {"task": task, **{k: p.describe() if p else None for k, p in
-                                         (("policy", policy_spec), ("reference", reference))},
-                        "episodes": episodes, "seeds": list(seeds), "workers": workers, "max_steps": t.max_steps,
-                        "timeout": timeout, "max_retries": max_retries, "video_dir": _portable(video_dir),
+    doc["arguments"] = {"task": task, "policy": policy_spec.describe(),
+                        "reference": reference.describe() if reference else None, "episodes": episodes,
+                        "seeds": list(seeds), "workers": workers, "max_steps": t.max_steps, "timeout": timeout,
+                        "max_retries": max_retries, "video_dir": _portable(video_dir),
                         "json_path": _portable(json_path)}
     jobs = episode_jobs(episodes, seeds)
     result = EvalResult(task, protocol, {}, json_path=str(json_path) if json_path else None)
@@ -146,12 +146,16 @@ def evaluate(
         book.save()
         result.runs[label] = book.result()
     if reference is not None:
-        a, b = (run.episodes for run in result.runs.values())
-        result.compare = {"a": next(iter(policies)), "b": list(policies)[1], **compare_runs(a, b)}
-        doc["compare"] = result.compare
-        if json_path is not None:
-            write_json_atomic(json_path, doc)
+        _compare(result, doc, json_path)
     return result
+
+
+def _compare(result: EvalResult, doc: dict[str, Any], json_path: Path | None) -> None:
+    """The first run (engine) against the second (reference), into the result and the results file."""
+    (la, a), (lb, b) = ((label, run.episodes) for label, run in result.runs.items())
+    result.compare = doc["compare"] = {"a": la, "b": lb, **compare_runs(a, b)}
+    if json_path is not None:
+        write_json_atomic(json_path, doc)
 
 
 def _portable(path) -> str | None:
