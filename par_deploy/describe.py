@@ -112,8 +112,9 @@ def run_demo(task: str = "PushCube", checkpoint: Path | None = None, steps: int 
                       max_steps=env.max_episode_steps, stop_on_success=True)
     try:
         for step in episode:
-            console.print(f"step {step.index}: chunk {step.chunk.shape}, first action "
-                          f"{np.round(step.chunk[0], 3).tolist()}, {step.act_ms:.1f} ms, success {step.success}")
+            first = [round(float(x), 3) for x in step.chunk[0]]
+            console.print(f"step {step.index}: chunk {step.chunk.shape}, first action {first}, "
+                          f"{step.act_ms:.1f} ms, success {step.success}")
             if steps and step.index + 1 >= steps:
                 break
     finally:

@@ -497,7 +497,7 @@ def test_results_file_holds_no_machine_path(ckpt, tmp_path, monkeypatch):
     from par_deploy.eval.run import _command
 
     _evaluate(ckpt, tmp_path, episodes=1, json_path=tmp_path / "r.json", video_dir=tmp_path / "v",
-              command=_command({"json_path": tmp_path / "r.json"}))
+              command=_command({"json_path": tmp_path / "r.json", "console": object, "episodes": 1}))
     doc = json.loads((tmp_path / "r.json").read_text())
 
     def strings(x):
@@ -514,6 +514,7 @@ def test_results_file_holds_no_machine_path(ckpt, tmp_path, monkeypatch):
     assert not [v for v in found if os.path.isabs(v) or str(tmp_path) in v]
     assert doc["command"]["argv"] == ["par-deploy", "eval", "--json", "r.json"]
     assert doc["arguments"]["json_path"] == "r.json" and doc["command"]["json_path"] == "r.json"
+    assert doc["command"]["episodes"] == 1 and "console" not in doc["command"]  # only the plain arguments
     assert doc["machine"]["env"]["VK_ICD_FILENAMES"] == "lvp_icd.x86_64.json"
     assert doc["runs"]["reference"]["episodes"][0]["video"] == "v/PushCube_reference_state000_seed0.mp4"
 

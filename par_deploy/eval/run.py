@@ -168,7 +168,9 @@ def _command(args: dict[str, Any]) -> dict[str, Any]:
     """The arguments of ``run_eval`` for the results file: paths relative, argv without the program's path."""
     from par_deploy.eval.results import portable_argv
 
-    out = {k: (_portable(v) if isinstance(v, os.PathLike) else v) for k, v in args.items()}
+    plain = (str, int, float, bool, type(None), list, tuple)
+    out = {k: (_portable(v) if isinstance(v, os.PathLike) else v) for k, v in args.items()
+           if isinstance(v, plain + (os.PathLike,))}
     out["argv"] = portable_argv(sys.argv)
     return out
 
@@ -217,9 +219,9 @@ def run_eval(
 ) -> EvalResult:
     """What ``par-deploy eval`` does. With neither ``engine`` nor ``checkpoint``: the task's shipped checkpoint
     through its engine (``par_deploy.locate.task_bundle``). ``states`` x seeds episodes (``episodes``: a prefix)."""
+    command = _command(locals())
     from rich.console import Console
 
-    command = _command(locals())
     seeds = parse_seeds(seeds)
     n = episode_count(states, episodes, seeds)
     policy, reference, note = _sources(task, engine, checkpoint, compare, backend, sampler, steps, threads,
