@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 import par_deploy
-from par_deploy.checkpoint import checkpoint_hash, from_pretrained
+from par_deploy.checkpoint import checkpoint_hash, from_pretrained, portable_path
+from par_deploy.errors import ConfigError
 from par_deploy.export.errors import ExportError
 from par_deploy.export.graphs import build_graphs, check_exportable, example_inputs
 from par_deploy.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, export_onnx
@@ -25,7 +26,6 @@ from par_deploy.runtime.bundle import (
     BACKENDS,
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
-    CACHE_OVERFLOW,
     MANIFEST_FILE,
     PRECISIONS,
     SAMPLER_GRAPHS,
@@ -66,7 +66,7 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["bundle_dir"] = str(self.bundle_dir)
+        d["bundle_dir"] = portable_path(self.bundle_dir)
         d["bundle_bytes"] = self.bundle_bytes
         return d
 
@@ -120,17 +120,17 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 def _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx_exporter) -> None:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
-        raise ValueError(f"backends must be a non-empty subset of {BACKENDS}, got {tuple(backends)}")
+        raise ConfigError(f"backends must be a non-empty subset of {BACKENDS}, got {tuple(backends)}")
     if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     if not isinstance(denoise_steps, int) or denoise_steps < 1:
-        raise ValueError(f"denoise_steps must be a positive integer, got {denoise_steps!r}")
+        raise ConfigError(f"denoise_steps must be a positive integer, got {denoise_steps!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if sampler_graph not in ("auto",) + SAMPLER_GRAPHS:
-        raise ValueError(f"sampler_graph must be 'auto', 'unrolled' or 'loop', got {sampler_graph!r}")
+        raise ConfigError(f"sampler_graph must be 'auto', 'unrolled' or 'loop', got {sampler_graph!r}")
     if onnx_exporter not in EXPORTERS:
-        raise ValueError(f"onnx_exporter must be one of {EXPORTERS}, got {onnx_exporter!r}")
+        raise ConfigError(f"onnx_exporter must be one of {EXPORTERS}, got {onnx_exporter!r}")
     if precision == "fp16":
         cpu_only = [b for b in backends if b in ("onnx", "torchscript")]
         if cpu_only:
@@ -182,7 +182,7 @@ def export_bundle(
     check_exportable(model)
     cfg = model.cfg
     if denoise_steps > cfg.train_timesteps:
-        raise ValueError(
+        raise ConfigError(
             f"denoise_steps={denoise_steps} exceeds the checkpoint's train_timesteps={cfg.train_timesteps}"
         )
     ckpt_hash = checkpoint_hash(checkpoint_dir)
@@ -253,7 +253,7 @@ def export_bundle(
         "par_deploy_version": par_deploy.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoint_hash": ckpt_hash,
-        "source_checkpoint": str(Path(checkpoint_dir)),
+        "source_checkpoint": portable_path(checkpoint_dir),  # relative to the working directory
         "config": cfg.to_dict(),
         "precision": precision,
         "backends": sorted(b for b in backends if b != "tensorrt"),
@@ -266,7 +266,7 @@ def export_bundle(
             "coeffs": schedule.coeffs.tolist(),
             "coeffs_layout": ["sqrt_recip_a_t", "sqrt_recip_a_t_minus_1", "coef_x0", "coef_xt", "sigma"],
         },
-        "cache": {**cache_layout(cfg), "overflow": CACHE_OVERFLOW},
+        "cache": {**cache_layout(cfg), "overflow": cfg.overflow},
         "graphs": {name: spec.to_dict() for name, spec in specs.items()},
         "engines": engines,
         "onnx": {"exporter": onnx_exporter, "opset": opset, "torch": torch.__version__}

@@ -2,17 +2,22 @@
 
 A checkpoint is a directory::
 
-    config.json          PARConfig with a type tag and format version
+    config.json          PARConfig with a type tag and format version (format 2 lists every field)
     model.safetensors    the weights (EMA weights when training used EMA)
     normalization.json   action/state normalisation statistics
+    checksums.json       sha256 of the three files above, written last
 
-Loading checks every file and every tensor against the config and says which file or tensor is wrong,
-what was expected and what was found.
+Loading verifies the sha256 of every file listed in ``checksums.json`` first (a flipped byte in the weights is
+an error, not a silently different model), then checks every tensor against the config, and says which file
+or tensor is wrong, what was expected and what was found. A format-2 checkpoint without ``checksums.json``
+is refused; format-1 checkpoints (written before checksums existed) load without one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,8 +28,10 @@ from par_deploy.config import PARConfig
 from par_deploy.errors import CheckpointError, ConfigError
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
+from par_deploy.runtime.bundle import sha256_file
 
 CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "normalization.json"
+CHECKSUM_FILE, CHECKSUM_FORMAT = "checksums.json", "par-checksums"
 STORAGE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -39,15 +46,52 @@ def save_pretrained(model: PARModel, normalizer: Normalizer, path: str | Path,
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "par", "config_sha256": _sha256(model.cfg)})
+    (path / CHECKSUM_FILE).unlink(missing_ok=True)  # a half-rewritten checkpoint has no valid checksums
+    save_file(sd, str(tmp), metadata={"format": "par"})
     tmp.replace(path / WEIGHTS_FILE)
     model.cfg.save(path / CONFIG_FILE)
     normalizer.save(path / NORM_FILE)
+    write_checksums(path)
     return path
 
 
-def _sha256(cfg: PARConfig) -> str:
-    return hashlib.sha256(str(sorted(cfg.to_dict().items())).encode()).hexdigest()
+def write_checksums(path: str | Path) -> Path:
+    """Record the sha256 of config, weights and statistics in ``checksums.json`` (``save_pretrained`` calls it)."""
+    path = Path(path)
+    sums = {name: sha256_file(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE, NORM_FILE)}
+    out = path / CHECKSUM_FILE
+    out.write_text(json.dumps({"format": CHECKSUM_FORMAT, "sha256": sums}, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def verify_checksums(path: Path) -> bool:
+    """Check every file ``checksums.json`` lists; False when there is no ``checksums.json``."""
+    record = path / CHECKSUM_FILE
+    if not record.is_file():
+        return False
+    try:
+        d = json.loads(record.read_text())
+        sums = d["sha256"] if d.get("format") == CHECKSUM_FORMAT else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        sums = None
+    if not isinstance(sums, dict) or set(sums) != {CONFIG_FILE, WEIGHTS_FILE, NORM_FILE}:
+        raise CheckpointError(f"{record}: not a valid par-deploy checksum file; re-save the checkpoint")
+    for name, want in sums.items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing file (listed in {CHECKSUM_FILE})")
+        got = sha256_file(path / name)
+        if got != want:
+            raise CheckpointError(
+                f"{path / name}: sha256 {got} differs from {want} recorded in {CHECKSUM_FILE}: the file was "
+                "modified, truncated or corrupted; restore it from the original checkpoint (or, if the edit was "
+                "deliberate, re-save with par_deploy.checkpoint.write_checksums)"
+            )
+    return True
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` relative to the working directory, for files meant to be committed (never a machine path)."""
+    return Path(os.path.relpath(Path(path).resolve(), Path.cwd())).as_posix()
 
 
 def load_state_dict_checked(model: PARModel, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -79,10 +123,16 @@ def from_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[PARMod
         raise CheckpointError(
             f"{path}: not a checkpoint directory (expected {CONFIG_FILE}, {WEIGHTS_FILE}, {NORM_FILE})"
         )
+    verified = verify_checksums(path)
     try:
         cfg = PARConfig.load(path / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if not verified and _format_version(path / CONFIG_FILE) >= 2:
+        raise CheckpointError(
+            f"{path / CHECKSUM_FILE}: missing; a format-2 checkpoint records the sha256 of its files there. "
+            "Copy it from the original checkpoint (or re-save with par_deploy.checkpoint.write_checksums)"
+        )
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing weights file")
@@ -101,6 +151,10 @@ def from_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[PARMod
     return model.eval(), normalizer
 
 
+def _format_version(config_file: Path) -> int:
+    return int(json.loads(config_file.read_text())["format_version"])  # already validated by PARConfig.load
+
+
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 over config, weights and statistics: identifies the checkpoint an engine was built from."""
     h = hashlib.sha256()
@@ -117,8 +171,9 @@ def make_deployment_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dt
     and further training need the full checkpoint). Actions of the copy differ from the source only by the
     rounding of the weights to ``dtype``."""
     model, normalizer = from_pretrained(src)
-    cfg = model.cfg.replace(frame_head=frame_head, extra={**model.cfg.extra, "made_from": str(src),
-                                                          "weights_dtype": str(dtype).removeprefix("torch.")})
+    extra = {**model.cfg.extra, "made_from": portable_path(src), "made_from_sha256": checkpoint_hash(src),
+             "weights_dtype": str(dtype).removeprefix("torch.")}
+    cfg = model.cfg.replace(frame_head=frame_head, extra=extra)
     slim = PARModel(cfg)
     sd = {k: v for k, v in model.state_dict().items() if k in slim.state_dict()}
     slim.load_state_dict(sd, strict=True)

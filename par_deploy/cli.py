@@ -1,18 +1,60 @@
-"""The ``par-deploy`` command line. It only parses arguments and calls importable functions."""
+"""The ``par-deploy`` command line. It only parses arguments and calls importable functions.
+
+Errors: every command is registered through ``command``, which turns a ``ParError`` (a bad input the user can
+fix) into one red line on stderr, ``error: <file or input>: <what is wrong and what to do>``, and exit code 2.
+``par-deploy --debug CMD`` or ``PAR_DEBUG=1`` shows the traceback instead. Other exceptions are bugs and
+always show their traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from par_deploy.errors import ConfigError, ParError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Train, export, benchmark and evaluate Physical Autoregressive Model (PAR) policies.")
+_options = {"debug": False}
 
 
-@app.command()
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error (also: PAR_DEBUG=1).")] = False,
+) -> None:
+    _options["debug"] = debug
+
+
+def _debug() -> bool:
+    return _options["debug"] or os.environ.get("PAR_DEBUG", "") not in ("", "0")
+
+
+def command(*args, **kwargs):
+    """``app.command`` for a function whose ``ParError`` becomes one red line and exit code 2."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except ParError as e:
+                if _debug():
+                    raise
+                message = " ".join(str(e).split())  # one line, whatever the message holds
+                typer.secho(f"error: {message} (traceback: PAR_DEBUG=1)", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
+
+
+@command()
 def info(
     preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
     checkpoint: Annotated[Path | None, typer.Option(help="Describe this checkpoint instead of a preset.")] = None,
@@ -23,7 +65,7 @@ def info(
     describe(preset, checkpoint)
 
 
-@app.command()
+@command()
 def demo(
     task: Annotated[str, typer.Option(help="Task whose shipped checkpoint runs (PushCube, ...).")] = "PushCube",
     checkpoint: Annotated[Path | None, typer.Option(help="Run this checkpoint instead of the task's.")] = None,
@@ -36,7 +78,7 @@ def demo(
     run_demo(task, checkpoint, steps, seed)
 
 
-@app.command()
+@command()
 def demos(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     n: Annotated[int, typer.Option("-n", help="Number of successful demonstrations to keep.")] = 100,
@@ -57,7 +99,7 @@ def demos(
     typer.echo(str(summary))
 
 
-@app.command()
+@command()
 def train(
     data: Annotated[Path, typer.Argument(help="Demonstration directory written by `par-deploy demos`.")],
     out: Annotated[Path, typer.Option(help="Run directory (state, metrics, checkpoints). Resumes if present.")],
@@ -71,28 +113,58 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
     limit_episodes: Annotated[int | None, typer.Option(help="Use only the first N episodes.")] = None,
     stop_at: Annotated[int | None, typer.Option(help="Stop (resumably) after this step.")] = None,
+    window: Annotated[int, typer.Option(help="Train on windows of N blocks cut anywhere in the episode and deploy "
+                                             "with a sliding cache of N blocks (0: whole episodes).")] = 0,
+    precision: Annotated[str, typer.Option(help="Forward-pass autocast: auto (bf16 where the CPU has native "
+                                                 "bf16), bf16 or fp32.")] = "auto",
     model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable.")] = [],  # noqa: B006
 ) -> None:
-    """Train PAR with teacher forcing over whole episodes. Under `torchrun` it trains with DDP."""
+    """Train PAR with teacher forcing over whole episodes (or windows: --window). Under `torchrun`: DDP."""
     from par_deploy.train.trainer import TrainConfig
     from par_deploy.train.trainer import train as run_train
 
+    overrides = _model_overrides(model)
+    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, save_every=save_every,
+                     threads=threads, seed=seed, limit_episodes=limit_episodes, precision=precision, window=window,
+                     model_overrides=overrides)
+    final = run_train(data, out, preset, tc, stop_at=stop_at)
+    typer.echo(f"checkpoint: {final}" if final else f"stopped at step {stop_at}; run again to resume")
+
+
+def _model_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` config overrides (JSON values; a bare word is a string)."""
     overrides = {}
-    for item in model:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--model expects KEY=VALUE, got {item!r}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value  # a bare string
-    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, save_every=save_every,
-                     threads=threads, seed=seed, limit_episodes=limit_episodes, model_overrides=overrides)
-    final = run_train(data, out, preset, tc, stop_at=stop_at)
-    typer.echo(f"checkpoint: {final}" if final else f"stopped at step {stop_at}; run again to resume")
+            overrides[key] = value
+    return overrides
 
 
-@app.command()
+@app.command("init")
+def init_checkpoint(
+    from_nova: Annotated[Path, typer.Option(help="NOVA pipeline or transformer directory (or its .safetensors).")],
+    out: Annotated[Path, typer.Option(help="PAR checkpoint directory to write.")],
+    preset: Annotated[str, typer.Option(help="PAR preset giving NOVA's architecture choices and PAR's additions.")]
+    = "paper",
+    model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable; "
+                                             "e.g. heads=N for a NOVA width outside NOVA's registry.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of PAR's newly initialised modules.")] = 0,
+) -> None:
+    """Write a PAR checkpoint initialised from a NOVA checkpoint; print what was loaded, what is new in PAR
+    and which NOVA tensors were ignored, and why. Sizes come from NOVA's config.json."""
+    from par_deploy.nova import format_report, init_from_nova
+
+    report = init_from_nova(from_nova, out, preset, seed, **_model_overrides(model))
+    typer.echo(format_report(report))
+    typer.echo(f"checkpoint: {out}")
+
+
+@command()
 def render(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     data: Annotated[Path, typer.Option(help="Demonstration directory.")],
@@ -106,7 +178,7 @@ def render(
     typer.echo(str(render_predictions(checkpoint, data, episode, out, steps)))
 
 
-@app.command()
+@command()
 def slim(
     checkpoint: Annotated[Path, typer.Argument(help="Full checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Deployment checkpoint directory to write.")],
@@ -118,12 +190,14 @@ def slim(
 
     from par_deploy.checkpoint import make_deployment_checkpoint
 
+    if dtype not in ("float16", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype!r}: choose float16 or bfloat16")
     path = make_deployment_checkpoint(checkpoint, out, getattr(torch, dtype), keep_frame_head)
     size = sum(f.stat().st_size for f in path.iterdir())
     typer.echo(f"{path}: {size / 1e6:.1f} MB")
 
 
-@app.command()
+@command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
@@ -150,7 +224,7 @@ def export(
         report_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
-@app.command()
+@command()
 def bench(
     engine: Annotated[Path | None, typer.Option(
         help="Bundle directory (default: the task's shipped checkpoint, exported once into bundles/<task>).")] = None,
@@ -162,16 +236,41 @@ def bench(
 ) -> None:
     """Latency and memory of an engine against the PyTorch reference, measured in one run."""
     from par_deploy.bench import run_bench
-    from par_deploy.errors import ParError
 
+    run_bench(engine, reference, json_out, plot, task=task)
+
+
+@command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: chosen by the OS, printed once listening).")] = 0,
+    backend: Annotated[str, typer.Option(help="Engine backend: onnx, torchscript, tensorrt.")] = "onnx",
+    threads: Annotated[int, typer.Option(help="Compute threads per client's policy.")] = 1,
+    pool: Annotated[int, typer.Option(help="Policies loaded ahead for new connections.")] = 1,
+    max_clients: Annotated[int, typer.Option(help="Connections served at once (more are refused).")] = 4,
+) -> None:
+    """Serve a bundle over websockets (msgpack): each connection is one episode with its own KV-cache.
+
+    Clients: `par_deploy.client.RemotePolicy(url)`. Health: HTTP GET /healthz on the same port.
+    Stops cleanly on SIGTERM or Ctrl-C. No authentication or TLS: serve on loopback or a trusted network only.
+    """
+    import logging
+
+    from par_deploy.errors import ParError
+    from par_deploy.serve.server import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
-        run_bench(engine, reference, json_out, plot, task=task)
-    except ParError as e:  # a message the user can act on; no traceback
+        run_server(bundle, host=host, port=port, backend=backend, threads=threads, pool_size=pool,
+                   max_clients=max_clients)
+    except (ParError, OSError) as e:  # a bad bundle, a port in use: a message, no traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
 
-@app.command(name="eval")
+@command(name="eval")
 def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
@@ -205,17 +304,12 @@ def evaluate(
     timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
 ) -> None:
     """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
-    from par_deploy.errors import ParError
     from par_deploy.eval import run_eval
 
-    try:
-        run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
-                 states=states, seeds=seeds, seed_base=seed_base, workers=workers, threads=threads,
-                 json_path=json_out, video_dir=video, compare=compare, max_steps=max_steps,
-                 control_mode=control_mode, stop_on_success=stop_on_success, timeout=timeout)
-    except ParError as e:  # a message the user can act on; no traceback
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(2) from None
+    run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
+             states=states, seeds=seeds, seed_base=seed_base, workers=workers, threads=threads, json_path=json_out,
+             video_dir=video, compare=compare, max_steps=max_steps, control_mode=control_mode,
+             stop_on_success=stop_on_success, timeout=timeout)
 
 
 def main() -> None:

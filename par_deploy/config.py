@@ -21,12 +21,39 @@ from typing import Any
 from par_deploy.errors import ConfigError
 
 CONFIG_TYPE = "par"
-CONFIG_FORMAT_VERSION = 1
+# Format 2: config.json lists every field; a missing field is an error (defaults are for configs built in code).
+# Format 1 (before 2026-11-25) let a missing field take the dataclass default; those files load through
+# FORMAT_1_IMPLIED, the values format 1 implied, frozen here so later default changes cannot alter them.
+CONFIG_FORMAT_VERSION = 2
+FORMAT_1_IMPLIED: dict[str, Any] = {
+    "image_size": 64, "num_cameras": 1, "action_dim": 4, "state_dim": 0, "chunk_len": 8, "max_blocks": 32,
+    "instructions": ["push the cube to the goal region"], "num_text_tokens": 4, "text_encoder_path": None,
+    "text_encoder_dim": 0, "codec": "patch", "patch_size": 16, "target_pool": 2, "frame_embed": "linear",
+    "vae_path": None, "vae_latent_channels": 4, "vae_downsample": 8, "dim": 256, "depth": 6, "heads": 4,
+    "mlp_ratio": 4.0, "rope_theta_frame": 100.0, "rope_theta_action": 10000.0, "spatial_depth": 2,
+    "frame_head_width": 384, "frame_head_depth": 2, "frame_mask_min": 0.7, "frame_decode_sets": 4,
+    "frame_head": True, "dit_dim": 256, "dit_depth": 3, "dit_heads": 4, "action_tokenizer_hidden": 256,
+    "train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2", "diffusion_batch_mul": 4, "sampler": "ddim",
+    "sample_steps": 10, "frame_loss_weight": 1.0, "action_loss_weight": 1.0, "variant": "full", "extra": {},
+    # fields added with format 2: the behaviour every format-1 checkpoint was trained with
+    "overflow": "error", "block_norm": "pre", "activation": "gelu_tanh", "text_attention": "causal",
+    "text_embed": "linear", "video_patch_size": 0, "pos_embed": "learned", "spatial_cond": "add", "frame_mlp": "mar",
+}
+IMPLIED_BY_FORMAT: dict[int, dict[str, Any]] = {1: FORMAT_1_IMPLIED}  # older format -> values it implied
 
 VARIANTS = ("full", "noar", "discrete")
 CODECS = ("patch", "vae")
 FRAME_EMBEDS = ("linear", "conv")
 SAMPLERS = ("ddim", "ddpm")
+# NOVA's architecture as config choices; the first value of each is the default (the CPU presets' blocks)
+BLOCK_NORMS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+TEXT_ATTENTIONS = ("causal", "first_frame")
+TEXT_EMBEDS = ("linear", "nova")
+POS_EMBEDS = ("learned", "sincos")
+SPATIAL_CONDS = ("add", "prepend")
+FRAME_MLPS = ("mar", "nova")
+OVERFLOWS = ("error", "slide")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
@@ -38,7 +65,11 @@ class PARConfig:
     action_dim: int = 4  # pd_ee_delta_pos: xyz delta + gripper
     state_dim: int = 0  # embodiment/task state per step (0: no state token)
     chunk_len: int = 8  # L: actions per chunk = action tokens per block
-    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode
+    max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode or the window
+    # What happens when an episode outgrows the cache: "error" (CacheFullError; the model saw whole episodes from
+    # their first block), or "slide": keep the newest max_blocks // 2 blocks and re-encode them at positions from 0,
+    # for a model trained on windows of max_blocks blocks cut anywhere in the episode (`par-deploy train --window`).
+    overflow: str = "error"
 
     # --- text prefix ---------------------------------------------------------------------------
     instructions: tuple[str, ...] = ("push the cube to the goal region",)
@@ -54,6 +85,16 @@ class PARConfig:
     vae_path: str | None = None
     vae_latent_channels: int = 4
     vae_downsample: int = 8
+
+    # --- NOVA's architecture (every default keeps the CPU presets' blocks; the paper preset picks NOVA's) ---
+    block_norm: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)), NOVA's vision_transformer.Block
+    activation: str = "gelu_tanh"  # transformer MLPs: "gelu_tanh" or "gelu" (exact, NOVA's nn.GELU())
+    text_attention: str = "causal"  # "first_frame": text bidirectional, grouped with block 0's observation (NOVA)
+    text_embed: str = "linear"  # "nova": projection + LayerNorm, NOVA's fixed features past the prompt's end
+    video_patch_size: int = 0  # patch side of the causal transformer's frame tokens; 0: patch_size (NOVA: 2x)
+    pos_embed: str = "learned"  # "sincos": NOVA's fixed 2-D sin-cos embedding of frame and spatial tokens
+    spatial_cond: str = "add"  # "prepend": NOVA's image encoder (condition prepended, MAE-style encoder half)
+    frame_mlp: str = "mar"  # diffusion MLP: "mar" (MAR's SimpleMLPAdaLN) or "nova" (NOVA's DiffusionMLP)
 
     # --- causal transformer (NOVA's temporal "video encoder") ------------------------------------
     dim: int = 256
@@ -109,14 +150,18 @@ class PARConfig:
         if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
             raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
         for name, allowed in (("variant", VARIANTS), ("codec", CODECS), ("sampler", SAMPLERS),
-                              ("frame_embed", FRAME_EMBEDS),
-                              ("beta_schedule", BETA_SCHEDULES)):
+                              ("frame_embed", FRAME_EMBEDS), ("beta_schedule", BETA_SCHEDULES),
+                              ("block_norm", BLOCK_NORMS), ("activation", ACTIVATIONS),
+                              ("text_attention", TEXT_ATTENTIONS), ("text_embed", TEXT_EMBEDS),
+                              ("pos_embed", POS_EMBEDS), ("spatial_cond", SPATIAL_CONDS), ("frame_mlp", FRAME_MLPS),
+                              ("overflow", OVERFLOWS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ConfigError(f"config.dim={self.dim} must split into {self.heads} heads of even size")
         if self.dit_dim % self.dit_heads:
             raise ConfigError(f"config.dit_dim={self.dit_dim} must be divisible by dit_heads={self.dit_heads}")
+        self._check_nova_choices()
         if self.latent_size % self.patch_size:
             raise ConfigError(
                 f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
@@ -137,6 +182,20 @@ class PARConfig:
         if self.text_encoder_path is not None and self.text_encoder_dim <= 0:
             raise ConfigError("config.text_encoder_dim must be set when text_encoder_path is set")
 
+    def _check_nova_choices(self) -> None:
+        if not isinstance(self.video_patch_size, int) or self.video_patch_size < 0:
+            raise ConfigError(f"config.video_patch_size must be >= 0, got {self.video_patch_size!r}")
+        if self.latent_size % self.video_patch:
+            raise ConfigError(f"config.video_patch_size={self.video_patch} must divide the {self.codec} codec's "
+                              f"spatial size {self.latent_size}")
+        if self.video_patch != self.patch_size and (self.spatial_cond != "prepend" or self.target_pool != 1):
+            raise ConfigError("a video_patch_size other than patch_size needs spatial_cond 'prepend' and "
+                              "target_pool 1 (the condition and the predicted tokens are then different grids)")
+        if self.video_patch != self.patch_size and self.frame_embed != "linear":
+            raise ConfigError("config.frame_embed 'conv' works on the patch_size grid: leave video_patch_size 0")
+        if self.text_embed == "nova" and not self.text_encoder_path:
+            raise ConfigError("config.text_embed 'nova' projects a text encoder's features: set text_encoder_path")
+
     # --- derived sizes -------------------------------------------------------------------------
     @property
     def latent_size(self) -> int:
@@ -148,14 +207,24 @@ class PARConfig:
         return 3 if self.codec == "patch" else self.vae_latent_channels
 
     @property
+    def video_patch(self) -> int:
+        """Patch side of the causal transformer's frame tokens (NOVA's video patch embedding)."""
+        return self.video_patch_size or self.patch_size
+
+    @property
     def frame_tokens(self) -> int:
-        """K_o: frame tokens per block (all cameras)."""
+        """K_o: frame tokens per block (all cameras), on the video patch grid."""
+        return self.num_cameras * (self.latent_size // self.video_patch) ** 2
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the frame de-tokenizer predicts per frame (the patch_size grid; K_o unless video_patch_size)."""
         return self.num_cameras * (self.latent_size // self.patch_size) ** 2
 
     @property
     def frame_input_dim(self) -> int:
-        """Width of an input frame token (one patch of the codec's output)."""
-        return self.latent_channels * self.patch_size**2
+        """Width of an input frame token (one video patch of the codec's output)."""
+        return self.latent_channels * self.video_patch**2
 
     @property
     def target_patch(self) -> int:
@@ -192,20 +261,35 @@ class PARConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> PARConfig:
+        """Parse a config dict of any supported format: format 2 must list every field; format 1 is migrated
+        with ``FORMAT_1_IMPLIED``. ``source`` names the file in error messages."""
         d = dict(d)
         kind = d.pop("type", None)
         version = d.pop("format_version", None)
         if kind != CONFIG_TYPE:
             raise ConfigError(f"{source}: expected type {CONFIG_TYPE!r}, found {kind!r}")
-        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+        if version is None:
+            raise ConfigError(f"{source}: no format_version; a config written by par-deploy has one "
+                              f"(current: {CONFIG_FORMAT_VERSION}): restore it, or re-save the config")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigError(f"{source}: invalid format_version {version!r} (expected an integer >= 1)")
+        if version > CONFIG_FORMAT_VERSION:
             raise ConfigError(
-                f"{source}: format_version {version!r} is newer than this par-deploy supports "
+                f"{source}: format_version {version} is newer than this par-deploy supports "
                 f"({CONFIG_FORMAT_VERSION}); upgrade par-deploy"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown config fields {unknown}")
+        if version < CONFIG_FORMAT_VERSION:
+            d = {**IMPLIED_BY_FORMAT[version], **d}
+        missing = sorted(known - set(d))
+        if missing:
+            raise ConfigError(
+                f"{source}: format {version} config lacks the fields {missing}; it must list every field "
+                "(restore them from the file this one was copied from, or re-save it with PARConfig.save)"
+            )
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -243,9 +327,12 @@ def _cpu_small() -> PARConfig:
 
 
 def _paper() -> PARConfig:
-    # NOVA d48w1024 on Open-Sora VAE latents (4 channels, 8x down, patch 2) and Phi-2 text features (2560-d).
+    # NOVA d48w1024 on Open-Sora VAE latents (4 channels, 8x down, image patch 2, video patch 4) and Phi-2 text
+    # features (2560-d), with NOVA's blocks (par_deploy/nova.py loads NOVA's weights into it).
     # Point vae_path / text_encoder_path at local copies of those weights to build it for real.
     return PARConfig(
+        block_norm="post", activation="gelu", text_attention="first_frame", text_embed="nova", video_patch_size=4,
+        pos_embed="sincos", spatial_cond="prepend", frame_mlp="nova",
         vae_path=None, text_encoder_path="phi-2", text_encoder_dim=2560,
         image_size=256, codec="vae", vae_latent_channels=4, vae_downsample=8, patch_size=2, target_pool=1,
         action_dim=7, state_dim=9, chunk_len=16, max_blocks=16, num_text_tokens=256,

@@ -57,8 +57,7 @@ class RandomObservationEnv:
     def _obs(self) -> dict[str, np.ndarray]:
         s, n = self.spec, self.normalizer
         rgb = self._rng.integers(0, 256, (s.num_cameras, s.image_size, s.image_size, 3), dtype=np.uint8)
-        state = n.state_mean + n.state_std * self._rng.standard_normal(s.state_dim)
-        return {"rgb": rgb, "state": state.astype(np.float32)}
+        return {"rgb": rgb, "state": n.sample_state(self._rng)}
 
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         self._rng = np.random.default_rng(seed)

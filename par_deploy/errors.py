@@ -23,3 +23,8 @@ class CacheFullError(ParError):
 
 class ActionError(ParError):
     """The policy produced a non-finite action; it is never returned to the controller."""
+
+
+class ResumeError(ParError):
+    """A training run directory cannot be resumed: old pickled state, or state files that are corrupt or
+    do not match each other."""

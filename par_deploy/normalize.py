@@ -76,6 +76,10 @@ class Normalizer:
         std = np.where(self.state_std > _EPS, self.state_std, 1.0)
         return ((s - self.state_mean) / std).astype(np.float32)
 
+    def sample_state(self, rng: np.random.Generator) -> np.ndarray:
+        """A random state of the training distribution's scale, float32 ``[S]`` (demos, benchmarks, parity)."""
+        return (self.state_mean + self.state_std * rng.standard_normal(self.state_dim)).astype(np.float32)
+
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": 1, **{k: getattr(self, k).tolist() for k in
                 ("action_min", "action_max", "state_mean", "state_std")}}

@@ -13,18 +13,12 @@ from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import Policy, PolicySpec
 
 
-def spec_of(model: PARModel) -> PolicySpec:
-    c = model.cfg
-    return PolicySpec(c.num_cameras, c.image_size, c.state_dim, c.action_dim, c.chunk_len, c.max_blocks,
-                      tuple(c.instructions))
-
-
 class TorchPolicy(Policy):
     """Eager PyTorch with a static KV-cache. ``sampler``/``steps`` default to the checkpoint's own."""
 
     def __init__(self, model: PARModel, normalizer: Normalizer, sampler: str | None = None,
                  steps: int | None = None, seed: int = 0, use_cache: bool = True):
-        super().__init__(spec_of(model), normalizer, seed)
+        super().__init__(PolicySpec.from_config(model.cfg), normalizer, seed)
         self.model = model.eval()
         self.schedule = model.sampler(sampler, steps)
         self.use_cache = use_cache  # False: recompute the whole history each step (the naive baseline)
@@ -80,6 +74,11 @@ class TorchPolicy(Policy):
         return actions[0].numpy()
 
     @property
+    def last_hidden(self) -> torch.Tensor:
+        """Hidden states ``[1, Bl, D]`` of the last appended block."""
+        return self._hidden
+
+    @property
     def last_action_cond(self) -> np.ndarray:
         return self._cond[0].numpy().copy()
 
@@ -97,11 +96,8 @@ class TorchPolicy(Policy):
         return self.model.predict_frame(h_frames, self.model.sampler("ddim", steps), noise.float())[0].numpy()
 
     def block_hidden(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool,
-                     step: int) -> torch.Tensor:
+                     pos: int) -> torch.Tensor:
         """``step_block`` returning the block's hidden states ``[1, Bl, D]``."""
-        self.step_block(rgb, state, prev_chunk, first, step)
+        self.step_block(rgb, state, prev_chunk, first, pos)
         return self._hidden
 
-    def _act(self, rgb, state, prev_chunk, first, step, noise):
-        self.block_hidden(rgb, state, prev_chunk, first, step)
-        return self.sample(noise)

@@ -18,10 +18,16 @@ if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
 fi
 TORCH_PIN="torch==$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
 
-# 2. par-deploy (editable) + dev tools; skipped when the installed one already points at this checkout.
+# 2. par-deploy (editable) + dev tools; skipped when the installed one already points at this checkout and every
+#    requirement of pyproject.toml (dependencies + the dev extra) is installed at a version it accepts.
 if ! "$PYTHON" - <<'PY' 2>/dev/null; then
-import importlib.metadata as md, pathlib, sys
-import par_deploy, pytest, ruff, onnxruntime, onnxscript, diffusers, typer, transformers  # noqa: F401
+import importlib.metadata as md, pathlib, sys, tomllib
+from packaging.requirements import Requirement
+import par_deploy
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+for req in map(Requirement, project["dependencies"] + project["optional-dependencies"]["dev"]):
+    if not req.specifier.contains(md.version(req.name), prereleases=True):
+        sys.exit(1)
 want = pathlib.Path("par_deploy").resolve()
 sys.exit(0 if pathlib.Path(par_deploy.__file__).resolve().parent == want and md.version("par-deploy") else 1)
 PY

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from par_deploy.checkpoint import checkpoint_hash, from_pretrained, save_pretrained
+from par_deploy.checkpoint import checkpoint_hash, from_pretrained, save_pretrained, write_checksums
 from par_deploy.config import preset
 from par_deploy.errors import CheckpointError
 from par_deploy.model.par import PARModel
@@ -49,9 +49,13 @@ def test_truncated_and_corrupt_weights(ckpt):
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* truncated"):
+        from_pretrained(path)
+    write_checksums(path)  # re-sealed: the safetensors reader itself must refuse it
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         from_pretrained(path)
     weights.write_bytes(b"\x00" * 64)
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         from_pretrained(path)
 
@@ -61,14 +65,17 @@ def test_weights_that_do_not_match_the_config(ckpt):
     sd = load_file(str(path / "model.safetensors"))
     key = "action_head.out.weight"
     save_file({**sd, key: torch.zeros(3, 3)}, str(path / "model.safetensors"))
+    write_checksums(path)  # re-sealed: the structural check, not the checksum, must catch it
     with pytest.raises(CheckpointError, match=rf"{key}.*shape \(3, 3\)"):
         from_pretrained(path)
     del sd[key]
     save_file(sd, str(path / "model.safetensors"))
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="missing.*action_head.out.weight"):
         from_pretrained(path)
     sd[key] = torch.full((4, 32), float("nan"))
     save_file(sd, str(path / "model.safetensors"))
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="NaN"):
         from_pretrained(path)
 
@@ -76,11 +83,13 @@ def test_weights_that_do_not_match_the_config(ckpt):
 def test_config_from_another_model_or_newer_format(ckpt):
     path = ckpt[0]
     preset("tiny", dim=64).save(path / "config.json")
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="shape"):
         from_pretrained(path)
     d = json.loads((path / "config.json").read_text())
     d["format_version"] = 99
     (path / "config.json").write_text(json.dumps(d))
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="newer"):
         from_pretrained(path)
 
@@ -88,9 +97,11 @@ def test_config_from_another_model_or_newer_format(ckpt):
 def test_normalization_that_does_not_match(ckpt):
     path = ckpt[0]
     Normalizer.identity(7, 3).save(path / "normalization.json")
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="action_dim=7"):
         from_pretrained(path)
     (path / "normalization.json").write_text("{}")
+    write_checksums(path)
     with pytest.raises(CheckpointError, match="normalisation"):
         from_pretrained(path)
 

@@ -20,7 +20,7 @@ def test_every_command_has_help(command):
 def test_info_prints_paper_counts():
     result = runner.invoke(app, ["info", "--preset", "paper"])
     assert result.exit_code == 0, result.output
-    assert "608.88M" in result.output and "608.7M" in result.output
+    assert "608.41M" in result.output and "608.7M" in result.output  # NOVA blocks: README "The model"
 
 
 def test_export_command_writes_a_bundle_and_report(tmp_path):

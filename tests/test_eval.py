@@ -545,7 +545,7 @@ def test_engine_compare_with_reference(ckpt, tmp_path):
     export_bundle(ckpt, bundle, backends=("onnx",), denoise_steps=4, progress=False)
     engine = EngineSource(bundle, backend="onnx")
     ref = reference_for(engine)  # the manifest's source checkpoint, with the bundle's sampler and K
-    assert Path(ref.path) == Path(ckpt) and ref.steps == 4
+    assert Path(ref.path).resolve() == Path(ckpt).resolve() and ref.steps == 4
     res = evaluate("PushCube", engine, reference=ref, episodes=2, max_steps=12, workers=0, env_factory=FakeEnv,
                    json_path=tmp_path / "r.json", progress=False)
     assert list(res.runs) == ["engine", "reference"]

@@ -2,11 +2,13 @@
 
 import itertools
 
+import pytest
 import torch
 
 from par_deploy.config import preset
+from par_deploy.errors import ConfigError
 from par_deploy.kernels.attention import cache_step_mask
-from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask
+from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask, text_mask
 
 
 def tokens(cfg, blocks):
@@ -19,8 +21,11 @@ def tokens(cfg, blocks):
     return out
 
 
-def rule(q, k):
+def rule(q, k, text_attention="causal"):
     (qk, qb, qi), (kk, kb, ki) = q, k
+    if qk == "text" and text_attention == "first_frame":
+        # NOVA (MaskEmbed.get_attn_mask): the text prefix is one attention group with the first frame
+        return kk == "text" or (kk in ("frame", "state") and kb == 0)
     if qk == "text":
         return kk == "text" and ki <= qi
     if kk == "text":
@@ -42,6 +47,16 @@ def test_mask_enumerates_paper_rules():
     assert mask.shape == (len(toks), len(toks))
     for (i, q), (j, k) in itertools.product(enumerate(toks), enumerate(toks)):
         assert bool(mask[i, j]) == rule(q, k), (q, k)
+
+
+def test_mask_with_text_grouped_with_the_first_frame():
+    cfg = preset("tiny", num_text_tokens=3, chunk_len=3, text_attention="first_frame")
+    toks = tokens(cfg, 3)
+    mask = sequence_mask(cfg, 3)
+    expected = torch.tensor([[rule(q, k, "first_frame") for k in toks] for q in toks])
+    assert torch.equal(mask, expected)
+    with pytest.raises(ConfigError, match="first observation"):
+        text_mask(cfg)  # the text's keys depend on O_0: they cannot be cached before it
 
 
 def test_mask_without_state_token():

@@ -1,6 +1,8 @@
 """The pretrained-part loaders (paper: Open-Sora VAE, Phi text encoder) on small models the tests write in the
 same formats: a diffusers AutoencoderKL directory and a Hugging Face text-model directory."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,58 @@ def test_text_encoder_prefix(text_dir):
     assert model.text.proj.weight.grad is not None and model.text.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="hidden size"):
         PARModel(cfg.replace(text_encoder_dim=32))
+
+
+# --- the NOVA checkpoint's frozen parts, through the real classes at the shapes NOVA expects -----------------
+
+
+@pytest.fixture(scope="module")
+def phi_dir(tmp_path_factory):
+    """transformers' Phi (NOVA's text encoder family) at a tiny random config, with the fixture's text width."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_nova import NOVA
+
+    width = json.loads((NOVA / "config.json").read_text())["text_token_dim"]
+    path = tmp_path_factory.mktemp("phi")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "push", "the", "cube", "to", "goal", "region", "pick"]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
+    cfg = transformers.PhiConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.PhiForCausalLM(cfg).save_pretrained(path)  # saved with its LM head, as NOVA ships Phi
+    return path
+
+
+@pytest.fixture(scope="module")
+def nova_vae_dir(tmp_path_factory):
+    """A diffusers AutoencoderKL with NOVA's latent shape: 4 channels at stride 8 (three downsamplings)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=64)
+    path = tmp_path_factory.mktemp("nova_vae")
+    vae.save_pretrained(path)
+    return path
+
+
+def test_nova_checkpoint_with_phi_and_vae_trains(phi_dir, nova_vae_dir):
+    from par_deploy.nova import load_nova_weights, nova_par_config
+    from tests.test_nova import NOVA, SMALL
+
+    cfg = nova_par_config(NOVA, **{**SMALL, "text_encoder_path": str(phi_dir), "vae_path": str(nova_vae_dir)},
+                          instructions=("push the cube to the goal region",))
+    model = PARModel(cfg)
+    load_nova_weights(model, NOVA)
+    rgb = torch.zeros(1, 1, 64, 64, 3, dtype=torch.uint8)
+    assert model.codec.encode(rgb).shape == (1, 4, 4 * 4 * 4)  # video patch 4 on the 8x8 latent
+    assert model.codec.encode_target(rgb).shape == (1, 16, 4 * 2 * 2)  # image patch 2
+    text = model.text(["push the cube"])  # [CLS] push the cube [SEP]: 5 of 6 tokens
+    assert text.shape == (1, cfg.num_text_tokens, cfg.dim)
+    fixed = model.text.project(model.text.pad[None])  # NOVA's fixed features past the prompt's end
+    assert torch.allclose(text[0, 5], fixed[0, 5]) and not torch.allclose(text[0, 4], fixed[0, 4])
+    out = model.losses(synthetic_batch(cfg, 1, 2))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.transformer.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from par_deploy.errors import InputError
+from par_deploy.errors import ConfigError, InputError
 
 FORMAT = "par-demos"
 VERSION = 1
@@ -231,7 +231,7 @@ def _write_or_check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} on disk vs {meta.get(k)!r}" for k in diff)
-            raise ValueError(f"{path} was written with different settings ({details}); use another out_dir")
+            raise ConfigError(f"{path} was written with different settings ({details}); use another out_dir")
         return
     text = json.dumps(meta, indent=2) + "\n"
     _write_atomic(path, lambda f: f.write(text.encode()))
@@ -439,11 +439,13 @@ def generate_demos(
     from par_deploy.sim.env import TASKS, make_env
 
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     if TASKS[task].env_id not in PLANNERS:
-        raise ValueError(f"no motion planner for {task}")
+        raise ConfigError(f"no motion planner for {task}")
     if control_mode not in CONTROL_MODES:
-        raise ValueError(f"control_mode {control_mode!r} is not reachable from the planner; use one of {CONTROL_MODES}")
+        raise ConfigError(
+            f"control_mode {control_mode!r} is not reachable from the planner; use one of {CONTROL_MODES}"
+        )
     if n < 1 or workers < 1 or max_attempts < 1:
         raise ValueError(f"n ({n}), workers ({workers}) and max_attempts ({max_attempts}) must be >= 1")
 

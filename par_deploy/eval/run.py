@@ -55,7 +55,7 @@ def _check_task(task: str, source: PolicySource, max_steps: int | None, control_
                         f"(it knows {list(info.spec.instructions)})")
     max_steps = int(max_steps or spec.max_episode_steps)
     p = info.spec
-    if p.max_blocks < -(-max_steps // p.chunk_len):
+    if p.overflow != "slide" and p.max_blocks < -(-max_steps // p.chunk_len):
         console.print(f"[yellow]warning:[/] the policy's KV-cache holds {p.max_blocks} control steps = "
                       f"{p.max_blocks * p.chunk_len} env steps < the limit {max_steps}: "
                       "episodes will end with CacheFullError (recorded as failures)")
@@ -187,7 +187,9 @@ def _sources(task: str, engine, checkpoint, compare: bool, backend: str, sampler
         from par_deploy.locate import task_bundle
 
         resolved = task_bundle(task, console)
-        engine, note = resolved.bundle, f"{task}: {resolved.describe()}"
+        policy = EngineSource(str(resolved.bundle), backend=backend, threads=threads)
+        note = f"{task}: {resolved.describe()}"
+        return policy, (reference_for(policy, resolved.checkpoint) if compare else None), note
     if engine is None:
         return CheckpointSource(str(checkpoint), sampler=sampler, steps=steps, threads=threads), None, note
     policy = EngineSource(str(engine), backend=backend, threads=threads)

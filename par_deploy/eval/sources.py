@@ -38,7 +38,7 @@ class SourceInfo:
         extra = cfg.get("extra") or {}
         spec = PolicySpec(int(cfg["num_cameras"]), int(cfg["image_size"]), int(cfg["state_dim"]),
                           int(cfg["action_dim"]), int(cfg["chunk_len"]), int(cfg["max_blocks"]),
-                          tuple(cfg["instructions"]))
+                          tuple(cfg["instructions"]), cfg.get("overflow", "error"))
         return cls(spec, extra.get("task"), extra.get("control_mode"))
 
 

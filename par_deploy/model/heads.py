@@ -2,7 +2,12 @@
 
 - ``FrameDetokenizer`` (NOVA/MAR): a bidirectional spatial transformer predicts the frame set by set from
   the frame-part hidden states ("indicator features") and the already known tokens; a per-token AdaLN
-  diffusion MLP (MAR's ``SimpleMLPAdaLN``) models each token's distribution.
+  diffusion MLP models each token's distribution (``config.frame_mlp``: MAR's ``SimpleMLPAdaLN``, or NOVA's
+  ``DiffusionMLP``, ``NovaDiffusionMLP`` here, with NOVA's structure and parameter names). The condition enters
+  the spatial transformer by addition (``config.spatial_cond "add"``) or as NOVA's image encoder does it
+  (``"prepend"``): the condition tokens are prepended, the first half of the blocks sees only the condition and
+  the known tokens (NOVA gathers them, we mask the unknown ones out of the keys: the same function), the
+  second half sees everything.
 - ``ActionDiT``: DiT blocks over the L action tokens, timestep by adaLN-zero, condition (the action-part
   hidden states) by cross-attention. ``condition`` computes the cross-attention keys/values once per control
   step; ``forward`` is one denoiser call (the unit the export unrolls K times).
@@ -20,6 +25,7 @@ from torch import nn
 from par_deploy.config import PARConfig
 from par_deploy.kernels.attention import attention
 from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule, sample
+from par_deploy.model.tokenizers import position_table
 from par_deploy.model.transformer import Transformer
 
 
@@ -93,6 +99,79 @@ class DiffusionMLP(nn.Module):
         return self.out(modulate(self.norm(h), shift, scale))  # [N, C]
 
 
+class NovaAdaNorm(nn.Module):
+    """NOVA's ``AdaLayerNormZero`` (no low-rank projection): ``norm(x) * (1 + s0) + s1`` and the remaining
+    statistics, ``s = proj(silu(z))``."""
+
+    def __init__(self, dim: int, num_stats: int):
+        super().__init__()
+        self.num_stats = num_stats
+        self.proj = nn.Linear(dim, num_stats * dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        stats = self.proj(F.silu(z)).chunk(self.num_stats, dim=-1)
+        return self.norm(x) * (1 + stats[0]) + stats[1], stats[2:]
+
+
+class Projector(nn.Module):
+    """``fc2(silu(fc1(x)))`` (NOVA's names)."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class NovaDiffusionBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm1 = NovaAdaNorm(width, 3)
+        self.proj = Projector(width, width, width)
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h, (gate,) = self.norm1(x, z)
+        return self.norm2(self.proj(h)) * gate + x
+
+
+class NovaTimeCond(nn.Module):
+    def __init__(self, cond_dim: int, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.timestep_proj = Projector(freq_dim, width, width)
+        self.condition_proj = Projector(cond_dim, width, width)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.condition_proj(z) + self.timestep_proj(timestep_features(t, self.freq_dim))
+
+
+class NovaDiffusionMLP(nn.Module):
+    """NOVA's ``DiffusionMLP`` (diffnext/models/diffusion_mlp.py) on flattened tokens: ``patch_embed.proj`` is
+    NOVA's patch convolution as a linear layer over the ``(C, p, p)`` token, ``head`` predicts the token in the
+    same ``(C, p, p)`` order (NOVA's head predicts ``(p, p, C)``: par_deploy.nova reorders its rows)."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Linear(token_dim, width)
+        self.time_cond_embed = NovaTimeCond(cond_dim, width)
+        self.blocks = nn.ModuleList(NovaDiffusionBlock(width) for _ in range(depth))
+        self.norm = NovaAdaNorm(width, 2)
+        self.head = nn.Linear(width, token_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x_t ``[N, C]``, t ``[N]``, z ``[N, D]`` -> predicted noise ``[N, C]``."""
+        c = self.time_cond_embed(t, z)  # [N, W]
+        h = self.patch_embed.proj(x)  # [N, W]
+        for blk in self.blocks:
+            h = blk(h, c)
+        return self.head(self.norm(h, c)[0])
+
+
 def set_sizes(num_tokens: int, num_sets: int) -> list[int]:
     """Tokens predicted in each set: a cosine schedule (MAR), every set non-empty, summing to num_tokens."""
     num_sets = min(num_sets, num_tokens)
@@ -114,14 +193,32 @@ class FrameDetokenizer(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Linear(C, D)
         self.mask_token = nn.Parameter(torch.zeros(D))
-        self.pos = nn.Parameter(torch.randn(cfg.frame_tokens, D) * 0.02)
-        self.spatial = Transformer(D, cfg.spatial_depth, cfg.heads, cfg.mlp_ratio)
-        self.mlp = DiffusionMLP(C, D, cfg.frame_head_width, cfg.frame_head_depth)
+        position_table(self, cfg, cfg.target_tokens, cfg.latent_size // cfg.patch_size)
+        self.spatial = Transformer(D, cfg.spatial_depth, cfg.heads, cfg.mlp_ratio, cfg.block_norm, cfg.activation)
+        mlp = NovaDiffusionMLP if cfg.frame_mlp == "nova" else DiffusionMLP
+        self.mlp = mlp(C, D, cfg.frame_head_width, cfg.frame_head_depth)
 
     def encode(self, cond: torch.Tensor, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """cond ``[M, K_o, D]`` (indicator features), x ``[M, K_o, C]``, known bool ``[M, K_o]`` -> z."""
-        inp = torch.where(known[..., None], self.patch_embed(x), self.mask_token)  # [M, K_o, D]
-        return self.spatial(inp + self.pos + cond)
+        """cond ``[M, K_o, D]`` (indicator features), x ``[M, K, C]``, known bool ``[M, K]`` -> z ``[M, K, D]``
+        (K: the predicted tokens, ``config.target_tokens``)."""
+        inp = torch.where(known[..., None], self.patch_embed(x), self.mask_token) + self.pos  # [M, K, D]
+        if self.cfg.spatial_cond == "add":
+            return self.spatial(inp + cond)
+        return self._encode_prepend(cond, inp, known)
+
+    def _encode_prepend(self, cond: torch.Tensor, inp: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """NOVA's ``VisionTransformer.forward`` with a condition and known ids: encoder half over [cond; known
+        tokens], the unknown tokens put back as they were, decoder half over [cond; all tokens]."""
+        Kc = cond.shape[1]
+        blocks = self.spatial.blocks
+        keys = torch.cat([torch.ones_like(known[:, :1]).expand(-1, Kc), known], dim=1)  # [M, Kc + K]
+        x = torch.cat([cond, inp], dim=1)  # [M, Kc + K, D]
+        for blk in blocks[: len(blocks) // 2]:
+            x, _, _ = blk(x, keys[:, None, None, :])
+        x = torch.cat([x[:, :Kc], torch.where(known[..., None], x[:, Kc:], inp)], dim=1)
+        for blk in blocks[len(blocks) // 2 :]:
+            x, _, _ = blk(x, None)
+        return self.spatial.norm(x[:, Kc:])
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, schedule: TrainSchedule, generator=None) -> torch.Tensor:
         M, K, C = target.shape
@@ -142,8 +239,9 @@ class FrameDetokenizer(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, sampler: SamplerSchedule, noise: torch.Tensor,
                order: torch.Tensor | None = None) -> torch.Tensor:
-        """Set-by-set prediction. cond ``[M, K_o, D]``; noise ``[K+1, M, K_o, C]``; order: a permutation."""
-        M, K, _ = cond.shape
+        """Set-by-set prediction. cond ``[M, K_o, D]``; noise ``[K+1, M, K, C]`` (K = ``target_tokens``);
+        order: a permutation of the K tokens."""
+        M, K = cond.shape[0], self.cfg.target_tokens
         order = torch.arange(K, device=cond.device) if order is None else order
         x = torch.zeros(M, K, self.cfg.frame_token_dim, device=cond.device)
         known = torch.zeros(M, K, dtype=torch.bool, device=cond.device)

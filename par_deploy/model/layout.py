@@ -3,7 +3,10 @@
 Sequence: ``[text (K_t)] P_0 P_1 ... P_{N-1}``; each block ``P_n = [frame tokens (K_o); state token (0/1);
 action tokens (L)]``. Rules, for a query q and a key k:
 
-- text: causal among text tokens; every block token sees all text; text never sees blocks.
+- text (``config.text_attention``): ``"causal"``, causal among text tokens and text never sees blocks; or
+  ``"first_frame"`` (NOVA's ``MaskEmbed.get_attn_mask``: the text prefix is in the same attention group as
+  the first frame), text tokens see every text token and the observation tokens of block 0. Every block
+  token sees all text.
 - earlier blocks: every token sees every token of every earlier block.
 - same block: observation (frame + state) tokens see each other (bidirectional) but not their block's
   actions; action token j sees all observation tokens of its block and actions 0..j of its block.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from par_deploy.config import PARConfig
+from par_deploy.errors import ConfigError
 
 TEXT, OBS, ACT = 0, 1, 2
 
@@ -46,32 +50,41 @@ def sequence_meta(cfg: PARConfig, num_blocks: int) -> TokenMeta:
     return TokenMeta(*(torch.cat([getattr(p, f) for p in parts]) for f in ("kind", "block", "index")))
 
 
-def allowed(q: TokenMeta, k: TokenMeta) -> torch.Tensor:
+def allowed(q: TokenMeta, k: TokenMeta, text_attention: str = "causal") -> torch.Tensor:
     """bool ``[Tq, Tk]``: may query i attend to key j. A direct transcription of the rules above."""
     qk, kk = q.kind[:, None], k.kind[None, :]
     qb, kb = q.block[:, None], k.block[None, :]
     qi, ki = q.index[:, None], k.index[None, :]
-    text_text = (qk == TEXT) & (kk == TEXT) & (ki <= qi)
+    grouped = text_attention == "first_frame"
+    text_text = (qk == TEXT) & (kk == TEXT) & ((ki <= qi) | grouped)
+    text_first = (qk == TEXT) & (kk == OBS) & (kb == 0) & grouped
     block_text = (qk != TEXT) & (kk == TEXT)
     earlier = (qk != TEXT) & (kk != TEXT) & (kb < qb)
     same = (qk != TEXT) & (kk != TEXT) & (kb == qb)
     same_ok = same & (
         ((qk == OBS) & (kk == OBS)) | ((qk == ACT) & (kk == OBS)) | ((qk == ACT) & (kk == ACT) & (ki <= qi))
     )
-    return text_text | block_text | earlier | same_ok
+    return text_text | text_first | block_text | earlier | same_ok
 
 
 def sequence_mask(cfg: PARConfig, num_blocks: int) -> torch.Tensor:
     meta = sequence_meta(cfg, num_blocks)
-    return allowed(meta, meta)
+    return allowed(meta, meta, cfg.text_attention)
 
 
 def intra_block_mask(cfg: PARConfig) -> torch.Tensor:
     meta = block_meta(cfg)
-    return allowed(meta, meta)
+    return allowed(meta, meta, cfg.text_attention)
 
 
 def text_mask(cfg: PARConfig) -> torch.Tensor:
+    """The text prefix's own mask, for writing it into the KV-cache before the first observation."""
+    if cfg.text_attention == "first_frame":
+        raise ConfigError(
+            "config.text_attention 'first_frame' (NOVA) lets the text prefix attend to the first observation, so "
+            "its keys/values cannot be cached before that observation exists: the cached control loop supports "
+            "text_attention 'causal' only; run this model through PARModel.hidden (teacher-forced sequences)"
+        )
     return torch.ones(cfg.num_text_tokens, cfg.num_text_tokens, dtype=torch.bool).tril()
 
 

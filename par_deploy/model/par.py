@@ -51,7 +51,8 @@ class PARModel(nn.Module):
         self.action_tok = ActionTokenizer(cfg)
         self.boa = nn.Parameter(torch.randn(cfg.chunk_len, cfg.dim) * 0.02)
         self.transformer = (
-            None if cfg.variant == "noar" else CausalTransformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
+            None if cfg.variant == "noar"
+            else CausalTransformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.block_norm, cfg.activation)
         )
         self.rope = BlockRope(cfg)
         self.register_buffer("intra_mask", intra_block_mask(cfg), persistent=False)  # [Bl, Bl]
@@ -137,7 +138,7 @@ class PARModel(nn.Module):
         cond = self.action_condition(h_blocks, h[:, None, : cfg.num_text_tokens])  # [B, N, Lc, D]
 
         valid = batch["block_valid"][:, 1:]  # [B, N]: target block n+1 exists
-        target_frames = self.codec.encode_target(rgb[:, 1:].flatten(0, 1)).view(B, N, cfg.frame_tokens, -1)
+        target_frames = self.codec.encode_target(rgb[:, 1:].flatten(0, 1)).view(B, N, cfg.target_tokens, -1)
         frame_loss = self.frame_head.loss(h_frames[valid], target_frames[valid], self.train_schedule, generator)
         action_loss = self.action_head.loss(
             cond[valid], actions[:, 1:][valid], batch["action_valid"][:, 1:][valid], self.train_schedule, generator

@@ -53,8 +53,8 @@ class PatchCodec(nn.Module):
         return rgb.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, V, 3, H, W]
 
     def encode(self, rgb: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, V, H, W, 3]`` -> float ``[B, K_o, 3 p^2]`` in [-1, 1]."""
-        return patchify(self._pixels(rgb), self.cfg.patch_size)
+        """uint8 ``[B, V, H, W, 3]`` -> float ``[B, K_o, 3 p^2]`` in [-1, 1] (p: the video patch)."""
+        return patchify(self._pixels(rgb), self.cfg.video_patch)
 
     def encode_target(self, rgb: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, V, H, W, 3]`` -> float ``[B, K_o, 3 (p/pool)^2]``: the de-tokenizer's targets."""
@@ -99,15 +99,21 @@ class VAECodec(nn.Module):
             raise ConfigError("this model was built with load_frozen=False: the VAE is not loaded")
 
     @torch.no_grad()
-    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+    def latents(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, V, H, W, 3]`` -> scaled latents ``[B, V, c, h, w]``."""
         self._require()
         B, V = rgb.shape[:2]
         x = rgb.permute(0, 1, 4, 2, 3).flatten(0, 1).float() / 127.5 - 1.0  # [B*V, 3, H, W]
         z = self.vae.encode(x).latent_dist.mean * self.scale  # [B*V, c, h, w]
-        return patchify(z.reshape(B, V, *z.shape[1:]), self.cfg.patch_size)
+        return z.reshape(B, V, *z.shape[1:])
+
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Input tokens on the video patch grid ``[B, K_o, c p_v^2]``."""
+        return patchify(self.latents(rgb), self.cfg.video_patch)
 
     def encode_target(self, rgb: torch.Tensor) -> torch.Tensor:
-        return self.encode(rgb)
+        """Target tokens on the image patch grid ``[B, K_target, c p^2]``."""
+        return patchify(self.latents(rgb), self.cfg.patch_size)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -123,13 +129,34 @@ def make_codec(cfg: PARConfig, load_frozen: bool = True) -> nn.Module:
     return PatchCodec(cfg) if cfg.codec == "patch" else VAECodec(cfg, load_frozen)
 
 
+def sincos_2d(side: int, dim: int, cameras: int = 1) -> torch.Tensor:
+    """NOVA's fixed 2-D position embedding (``PosEmbed.get_space_embed`` at its base size) of a row-major
+    ``side x side`` grid: ``[sin(w f), cos(w f), sin(h f), cos(h f)]``, ``f_i = 10000^(-i / (dim/4))``; the same
+    rows again for every further camera. Returns ``[cameras * side^2, dim]``."""
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
+    grid = torch.arange(side, dtype=torch.float32)
+    h = grid.repeat_interleave(side)[:, None] * freq  # [side^2, dim/4]: row index
+    w = grid.repeat(side)[:, None] * freq  # column index
+    return torch.cat([w.sin(), w.cos(), h.sin(), h.cos()], dim=-1).repeat(cameras, 1)
+
+
+def position_table(module: nn.Module, cfg: PARConfig, tokens: int, side: int) -> None:
+    """``module.pos`` ``[tokens, D]``: learned (saved in the checkpoint) or NOVA's fixed sin-cos (a buffer that
+    is not saved, so the state dict holds exactly NOVA's keys)."""
+    if cfg.pos_embed == "sincos":
+        module.register_buffer("pos", sincos_2d(side, cfg.dim, cfg.num_cameras), persistent=False)
+    else:
+        module.pos = nn.Parameter(torch.randn(tokens, cfg.dim) * 0.02)
+
+
 class FrameEmbed(nn.Module):
-    """Frame tokens -> model width, plus a learned (camera, patch) position embedding (NOVA's patch_embed)."""
+    """Frame tokens -> model width (NOVA's video ``patch_embed``, a convolution written as a linear layer over
+    the ``(C, p, p)`` patch), plus a (camera, patch) position embedding (``config.pos_embed``)."""
 
     def __init__(self, cfg: PARConfig):
         super().__init__()
         self.proj = nn.Linear(cfg.frame_input_dim, cfg.dim)
-        self.pos = nn.Parameter(torch.randn(cfg.frame_tokens, cfg.dim) * 0.02)
+        position_table(self, cfg, cfg.frame_tokens, cfg.latent_size // cfg.video_patch)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(tokens) + self.pos  # [..., K_o, D]
@@ -151,7 +178,7 @@ class ConvFrameEmbed(nn.Module):
             if i < n - 1:
                 layers.append(nn.GELU())
         self.stem = nn.Sequential(*layers)
-        self.pos = nn.Parameter(torch.randn(cfg.frame_tokens, cfg.dim) * 0.02)
+        position_table(self, cfg, cfg.frame_tokens, cfg.latent_size // cfg.patch_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -209,16 +236,22 @@ class LearnedText(nn.Module):
 
 
 class EncodedText(nn.Module):
-    """A frozen Hugging Face text encoder + a trained linear projector (NOVA: Phi-2 + projector).
+    """A frozen Hugging Face text encoder + a trained projector (NOVA: Phi-2 + ``TextEmbed``).
 
     The encoder is loaded from ``config.text_encoder_path`` (local files only) and is not saved in the PAR
-    checkpoint. Its last hidden states are padded/truncated to K_t tokens.
+    checkpoint. Its last hidden states are padded/truncated to K_t tokens. ``config.text_embed``:
+    ``"linear"``: a linear projection of all K_t states (padding positions included); ``"nova"``: NOVA's
+    ``TextEmbed``, a projection followed by a LayerNorm, where positions past the prompt's end take NOVA's fixed
+    features (``pad``, NOVA's ``text_embed.weight`` buffer) instead of the encoder's padding states.
     """
 
     def __init__(self, cfg: PARConfig, load: bool = True):
         super().__init__()
         self.num_tokens = cfg.num_text_tokens
         self.proj = nn.Linear(cfg.text_encoder_dim, cfg.dim)
+        if cfg.text_embed == "nova":
+            self.norm = nn.LayerNorm(cfg.dim)
+            self.register_buffer("pad", torch.randn(cfg.num_text_tokens, cfg.text_encoder_dim) * 0.02)
         if not load:  # shapes only; forward needs the encoder
             object.__setattr__(self, "encoder", None)
             return
@@ -242,7 +275,14 @@ class EncodedText(nn.Module):
         )
         with torch.no_grad():
             h = self.encoder(**tok.to(self.proj.weight.device)).last_hidden_state  # [B, K_t, enc_dim]
-        return self.proj(h)
+        if hasattr(self, "pad"):  # NOVA: the encoder's states up to the prompt's length, fixed features after
+            h = torch.where(tok["attention_mask"].bool()[..., None], h, self.pad.to(h.dtype))
+        return self.project(h)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Encoder features ``[B, K_t, enc_dim]`` -> prefix tokens ``[B, K_t, D]``."""
+        h = self.proj(h)
+        return self.norm(h) if hasattr(self, "norm") else h
 
 
 def make_text(cfg: PARConfig, load_frozen: bool = True) -> nn.Module:

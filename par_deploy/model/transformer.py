@@ -1,6 +1,11 @@
-"""Pre-norm transformer blocks (timm/NOVA naming: ``blocks.i.norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
-mlp.fc2``), used causally with RoPE and the block mask (the temporal backbone), or bidirectionally without
-RoPE (the spatial set-by-set frame transformer).
+"""Transformer blocks (timm/NOVA naming: ``blocks.i.norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``),
+used causally with RoPE and the block mask (the temporal backbone), or bidirectionally without RoPE (the
+spatial set-by-set frame transformer).
+
+Two block styles (``config.block_norm``): ``"pre"`` (``x + attn(norm1(x))``, the CPU presets) and ``"post"``
+(``x + norm1(attn(x))``, ``x + norm2(mlp(x))``: NOVA's ``diffnext/models/vision_transformer.py`` Block, which
+the paper preset uses so that NOVA's weights compute NOVA's function). The MLP's GELU is tanh-approximated or
+exact (``config.activation``; NOVA: exact).
 
 ``CausalTransformer.forward`` runs a whole sequence (teacher forcing); ``CausalTransformer.step`` runs one
 new block against a static KV-cache and returns the block's hidden states and its new keys/values, which the
@@ -44,10 +49,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu_tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +60,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm: str = "pre", activation: str = "gelu_tanh"):
         super().__init__()
+        self.post_norm = norm == "post"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), activation)
 
     def forward(self, x, mask, rope=None, past=None):
+        if self.post_norm:  # NOVA: x + norm1(attn(x)), then x + norm2(mlp(x))
+            h, k, v = self.attn(x, mask, rope, past)
+            x = x + self.norm1(h)
+            return x + self.norm2(self.mlp(x)), k, v
         h, k, v = self.attn(self.norm1(x), mask, rope, past)
         x = x + h
         return x + self.mlp(self.norm2(x)), k, v
@@ -71,9 +81,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks with a final norm. Bidirectional (mask None) unless given a mask."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, norm: str = "pre",
+                 activation: str = "gelu_tanh"):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, norm, activation) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
@@ -85,8 +96,9 @@ class Transformer(nn.Module):
 class CausalTransformer(Transformer):
     """The temporal backbone (NOVA's video encoder): block-causal mask and RoPE over time."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float):
-        super().__init__(dim, depth, heads, mlp_ratio)
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, norm: str = "pre",
+                 activation: str = "gelu_tanh"):
+        super().__init__(dim, depth, heads, mlp_ratio, norm, activation)
         self.heads, self.head_dim = heads, dim // heads
 
     def step(

@@ -7,6 +7,9 @@ imports torch and the TensorRT backend tensorrt + cuda-python, each only when se
     policy = runtime.load("bundles/pushcube", backend="onnx")
     policy.reset("push the cube to the goal region")
     chunk = policy.act({"rgb": rgb_uint8, "state": state})  # [chunk_len, action_dim], controller units
+
+Threads: a policy object serialises concurrent ``act``/``reset`` calls with a lock (they share one episode);
+separate objects are independent. Input range and non-finite handling: see ``par_deploy.runtime.policy``.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ def load(
     """
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "tensorrt":  # say that TensorRT/CUDA is missing before looking for engines in the bundle
+        from par_deploy.runtime.tensorrt_policy import import_tensorrt
+
+        import_tensorrt()
     verified = open_bundle(bundle, backend, checkpoint)
     if backend == "onnx":
         from par_deploy.runtime.onnx_policy import OnnxPolicy

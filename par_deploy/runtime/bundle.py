@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,6 @@ SAMPLER_GRAPHS = ("unrolled", "loop")
 UNROLL_MAX_STEPS = (
     16  # larger K uses the condition + denoise-step loop (export time and graph size grow with K)
 )
-CACHE_OVERFLOW = "error"
 ENGINE_DIRS = {"onnx": "onnx", "torchscript": "torchscript", "tensorrt": "tensorrt"}
 ENGINE_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "tensorrt": ".plan"}
 
@@ -247,16 +247,7 @@ class Bundle:
 
     @property
     def spec(self) -> PolicySpec:
-        c = self.config
-        return PolicySpec(
-            c.num_cameras,
-            c.image_size,
-            c.state_dim,
-            c.action_dim,
-            c.chunk_len,
-            c.max_blocks,
-            tuple(c.instructions),
-        )
+        return PolicySpec.from_config(self.config)
 
     @property
     def steps(self) -> int:
@@ -282,8 +273,13 @@ class Bundle:
         """Keys and values ``[instructions, layers, 1, heads, K_t, head_dim]`` (float32), loaded once."""
         if self._prefix is None:
             path = self.path / self.manifest["text_prefix"]["file"]
-            with np.load(path) as z:
-                k, v = z["k"].astype(np.float32), z["v"].astype(np.float32)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    k, v = z["k"].astype(np.float32), z["v"].astype(np.float32)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                raise BundleError(
+                    f"{path}: unreadable text prefix ({type(e).__name__}: {e}); re-export the bundle"
+                ) from None
             c = self.config
             expected = (len(c.instructions), c.depth, 1, c.heads, c.num_text_tokens, c.dim // c.heads)
             for name, a in (("k", k), ("v", v)):
@@ -395,8 +391,11 @@ def open_bundle(
     bad = {k: cache.get(k) for k, v in want_cache.items() if cache.get(k) != v}
     if bad:
         raise BundleError(f"{mpath}: cache sizes {bad} disagree with the model config {want_cache}")
-    if cache.get("overflow") != CACHE_OVERFLOW:
-        raise BundleError(f"{mpath}: unsupported cache overflow policy {cache.get('overflow')!r}")
+    if cache.get("overflow") != cfg.overflow:
+        raise BundleError(
+            f"{mpath}: cache overflow policy {cache.get('overflow')!r} disagrees with the model config's "
+            f"{cfg.overflow!r}; re-export the bundle"
+        )
     if (
         len(sampler.get("timesteps", [])) != sampler["steps"]
         or len(sampler.get("coeffs", [])) != sampler["steps"]

@@ -168,9 +168,6 @@ class OnnxPolicy(BundlePolicy):
             self._run("denoise_even" if k % 2 == 0 else "denoise_odd")
         return (b["x_alt"] if self.denoise_steps % 2 else b["x"])[0].copy()
 
-    def _act(self, rgb, state, prev_chunk, first, step, noise):
-        self.step_block(rgb, state, prev_chunk, first, step)
-        return self.sample(noise)
 
     @property
     def last_action_cond(self) -> np.ndarray:

@@ -4,17 +4,52 @@ Control loop (DESIGN §1): at control step n the policy appends block ``[O_{n-1}
 it is given and the chunk it returned last time, BOA at the first step) to its KV-cache, samples the next
 chunk ``A_n`` and returns it denormalised, in the controller's units. The controller executes the whole
 chunk (``chunk_len`` actions) before calling ``act`` again.
+
+When the episode outgrows the static cache (``spec.max_blocks`` blocks) the spec's ``overflow`` decides:
+``"error"`` raises ``CacheFullError``; ``"slide"`` keeps the newest ``max_blocks // 2`` blocks, clears the cache
+and re-encodes them at positions 0, 1, ... (the positions a model trained on windows cut anywhere in the
+episode saw), then goes on. The re-encoding costs ``max_blocks // 2`` extra block steps once every
+``max_blocks - max_blocks // 2`` control steps.
+
+Threads: ``act`` and ``reset`` of one policy object are serialised by a per-object lock, so concurrent calls
+from several controller threads run one after the other and each sees a consistent cache (they still share
+one episode). Separate policy objects share nothing and run in parallel. The backend hooks (``step_block``,
+``sample``) are not locked: they are for single-threaded measurement code.
+
+Input range: the state must lie within ``STATE_BOUND`` training standard deviations of the training mean
+(normalised ``|s| <= 1e4``); anything further is refused before it reaches the cache (``InputError``). If a
+backend ever produces a non-finite value anyway, ``act`` raises ``ActionError`` and keeps refusing until
+``reset()`` starts a new episode: a cache that may hold non-finite values is never reused silently.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from par_deploy.errors import ActionError, CacheFullError
+from par_deploy.errors import ActionError, CacheFullError, InputError
 from par_deploy.normalize import Normalizer, check_array
+
+# |normalised state| allowed, in training standard deviations. Measured: the shipped checkpoint's 120 demos reach
+# 7.4; a near-constant dimension (its tcp quaternion w, std 5e-4) is ~4e3 away at the other end of its physical
+# range; float32 overflows inside the transformer between 1e20 and 1e25 (then the cache holds inf/NaN).
+STATE_BOUND = 1e4
+
+
+def _serialised(method):
+    """Run ``method`` under the policy object's lock (see the module docstring)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -28,6 +63,13 @@ class PolicySpec:
     chunk_len: int
     max_blocks: int
     instructions: tuple[str, ...]
+    overflow: str = "error"  # "error" or "slide" (see the module docstring)
+
+    @classmethod
+    def from_config(cls, cfg) -> PolicySpec:
+        """The spec of a model config (``par_deploy.config.PARConfig``)."""
+        return cls(cfg.num_cameras, cfg.image_size, cfg.state_dim, cfg.action_dim, cfg.chunk_len, cfg.max_blocks,
+                   tuple(cfg.instructions), cfg.overflow)
 
 
 class Policy(ABC):
@@ -37,11 +79,16 @@ class Policy(ABC):
     def __init__(self, spec: PolicySpec, normalizer: Normalizer, seed: int = 0):
         self.spec, self.normalizer = spec, normalizer
         self._rng = np.random.default_rng(seed)
-        self._step = 0
+        self._step = 0  # control steps of this episode
+        self._pos = 0  # cache position (block index) of the next block
         self._instruction: str | None = None
         self._prev_chunk = np.zeros((spec.chunk_len, spec.action_dim), np.float32)  # normalised
+        self._window: deque = deque(maxlen=spec.max_blocks)  # inputs of the cached blocks (for "slide")
+        self._lock = threading.Lock()
+        self._poisoned_at: int | None = None  # step whose output was non-finite: reset() required
 
     # -- public API ----------------------------------------------------------------------------
+    @_serialised
     def reset(self, instruction: str | None = None, seed: int | None = None) -> None:
         """Start a new episode (clears the cache; keeps every buffer allocated)."""
         instruction = self.spec.instructions[0] if instruction is None else instruction
@@ -52,13 +99,16 @@ class Policy(ABC):
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         self._instruction = instruction
-        self._step = 0
+        self._step = self._pos = 0
         self._prev_chunk[:] = 0
+        self._window.clear()
+        self._poisoned_at = None
         self._reset(instruction)
 
     @property
-    def steps_left(self) -> int:
-        return self.spec.max_blocks - self._step
+    def steps_left(self) -> int | float:
+        """Control steps before the cache is full (``inf`` for a sliding cache)."""
+        return float("inf") if self.spec.overflow == "slide" else self.spec.max_blocks - self._step
 
     @property
     def last_chunk(self) -> np.ndarray:
@@ -68,6 +118,7 @@ class Policy(ABC):
     def noise_shape(self) -> tuple[int, ...]:
         return (self.denoise_steps + 1, self.spec.chunk_len, self.spec.action_dim)
 
+    @_serialised
     def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
         """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
 
@@ -75,10 +126,16 @@ class Policy(ABC):
         """
         if self._instruction is None:
             raise RuntimeError("call reset(instruction) before act()")
+        if self._poisoned_at is not None:
+            raise ActionError(
+                f"the policy produced non-finite values at step {self._poisoned_at} of this episode and its "
+                "cache may hold them; call reset() to start a new episode"
+            )
         s = self.spec
-        if self._step >= s.max_blocks:
+        if self._pos >= s.max_blocks and s.overflow != "slide":
             raise CacheFullError(
-                f"episode reached the static KV-cache length ({s.max_blocks} control steps); call reset()"
+                f"episode reached the static KV-cache length ({s.max_blocks} control steps); call reset(), or "
+                "use a checkpoint trained with `par-deploy train --window` (sliding cache)"
             )
         if not isinstance(observation, dict):
             raise TypeError(
@@ -88,21 +145,40 @@ class Policy(ABC):
                           (s.num_cameras, s.image_size, s.image_size, 3), np.uint8)
         if s.state_dim:
             state = check_array(observation.get("state"), "observation['state']", (s.state_dim,), np.float32)
-            state = self.normalizer.normalize_state(state)
+            state = check_state_range(self.normalizer.normalize_state(state))
         else:
             state = np.zeros(0, np.float32)
         if noise is None:
             noise = self._rng.standard_normal(self.noise_shape()).astype(np.float32)
         noise = check_array(noise, "noise", self.noise_shape(), np.float32)
-        chunk = self._act(rgb, state, self._prev_chunk, self._step == 0, self._step, noise)  # normalised
+        if self._pos >= s.max_blocks:
+            self._slide()
+        block = (rgb, state, self._prev_chunk.copy(), self._step == 0)
+        self.step_block(*block, self._pos)
+        if s.overflow == "slide":
+            self._window.append((rgb.copy(), state.copy(), *block[2:]))
+        chunk = self.sample(noise)  # normalised
         if not np.isfinite(chunk).all():
+            self._poisoned_at = self._step
             raise ActionError(
-                f"the policy produced a non-finite action at step {self._step}; refusing to return it"
+                f"the policy produced a non-finite action at step {self._step}; refusing to return it. Its cache "
+                "may hold non-finite values: call reset() to start a new episode"
             )
         chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)
         self._prev_chunk[:] = chunk
         self._step += 1
+        self._pos += 1
         return self.normalizer.denormalize_action(chunk)
+
+    def _slide(self) -> None:
+        """Keep the newest ``max_blocks // 2`` blocks, re-encoded at positions 0, 1, ... of a cleared cache."""
+        keep = list(self._window)[len(self._window) - self.spec.max_blocks // 2 :]
+        self._window.clear()
+        self._reset(self._instruction)
+        for pos, block in enumerate(keep):
+            self.step_block(*block, pos)
+            self._window.append(block)
+        self._pos = len(keep)
 
     # -- backend hooks -------------------------------------------------------------------------
     @property
@@ -115,6 +191,22 @@ class Policy(ABC):
         """Clear the cache and write the instruction's text prefix."""
 
     @abstractmethod
-    def _act(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int,
-             noise: np.ndarray) -> np.ndarray:
-        """Append block ``step`` and sample the next chunk (normalised ``[L, A]``)."""
+    def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, pos: int) -> None:
+        """Append one block (normalised inputs; ``first``: its action part is BOA) at cache position ``pos``
+        and keep its Action-DiT condition for ``sample``."""
+
+    @abstractmethod
+    def sample(self, noise: np.ndarray) -> np.ndarray:
+        """Sample the next chunk (normalised ``[L, A]``) from the last block's condition; noise ``[K+1, L, A]``."""
+
+
+def check_state_range(state: np.ndarray) -> np.ndarray:
+    """Refuse a normalised state beyond ``STATE_BOUND`` (``InputError`` names the dimension)."""
+    i = int(np.argmax(np.abs(state)))
+    if abs(float(state[i])) > STATE_BOUND:
+        raise InputError(
+            f"observation['state'][{i}] is {float(state[i]):.3g} training standard deviations from the training "
+            f"mean (allowed: {STATE_BOUND:g}); check the state's units and keys against the checkpoint's "
+            "normalization.json. Nothing was written to the cache"
+        )
+    return state

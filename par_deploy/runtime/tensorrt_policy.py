@@ -235,9 +235,6 @@ class TensorRTPolicy(BundlePolicy):
         self._sync()
         return result
 
-    def _act(self, rgb, state, prev_chunk, first, step, noise):
-        self.step_block(rgb, state, prev_chunk, first, step)
-        return self.sample(noise)
 
     @property
     def last_action_cond(self) -> np.ndarray:

@@ -124,9 +124,6 @@ class TorchScriptPolicy(BundlePolicy):
                 (b["x"],) = self._call("denoise")
             return b["x"][0].numpy().copy()
 
-    def _act(self, rgb, state, prev_chunk, first, step, noise):
-        self.step_block(rgb, state, prev_chunk, first, step)
-        return self.sample(noise)
 
     @property
     def last_action_cond(self) -> np.ndarray:

@@ -1,0 +1,118 @@
+"""Learning curve of a training run: success of every saved checkpoint on a fixed set of unseen initial states.
+
+    python scripts/learning_curve.py RUN_DIR --task PushCube --states 20 --json docs/curves/NAME.json
+
+For each ``RUN_DIR/checkpoints/step_*`` (and ``final``) this runs ``par-deploy eval`` with the PyTorch reference
+on initial states ``env.reset(seed=500000 + i)``, i < ``--states``, one policy seed, stopping each episode at
+its first success, and records the training wall time at that step (from the run's ``metrics.jsonl``). The JSON
+is written after every checkpoint and is also the resume file: a finished checkpoint is not evaluated again.
+``--plot`` draws success against training wall time for one or more such JSON files (the recipe comparison in
+docs/recipe.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def wall_time_at(run: Path, step: int) -> float | None:
+    """Training wall seconds up to ``step``: ``elapsed_s`` when the run logs it, else batch size x step / rate."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r["step"] <= step]
+    if not recs:
+        return None
+    last = recs[-1]
+    if "elapsed_s" in last:
+        return float(last["elapsed_s"]) * step / last["step"]
+    batch = json.loads((run / "train_config.json").read_text())["batch_size"]
+    return step * batch / float(last["episodes_per_s"])
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    found = [(int(p.name.split("_")[1]), p) for p in sorted((run / "checkpoints").glob("step_*"))]
+    return sorted(found)
+
+
+def evaluate_checkpoint(ckpt: Path, task: str, states: int, threads: int, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "eval.json"
+        cmd = ["par-deploy", "eval", "--task", task, "--checkpoint", str(ckpt), "--episodes", str(states),
+               "--seeds", "0", "--stop-on-success", "--threads", str(threads), "--workers", str(workers),
+               "--json", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        doc = json.loads(out.read_text())
+    once = next(iter(doc["runs"].values()))["summary"]["success_once"]
+    return {"successes": int(once["successes"]), "episodes": int(once["n"])}
+
+
+def run_curve(run: Path, task: str, states: int, out: Path, threads: int, workers: int, every: int) -> dict:
+    doc = json.loads(out.read_text()) if out.exists() else {"run": run.name, "task": task, "states": states,
+                                                           "seed_base": 500000, "points": []}
+    done = {p["step"] for p in doc["points"]}
+    for step, ckpt in checkpoints(run):
+        if step in done or step % every:
+            continue
+        res = evaluate_checkpoint(ckpt, task, states, threads, workers)
+        doc["points"].append({"step": step, "wall_s": wall_time_at(run, step), **res})
+        doc["points"].sort(key=lambda p: p["step"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(out)
+        print(f"{run.name} step {step}: {res['successes']}/{res['episodes']}", flush=True)
+    return doc
+
+
+def plot(curves: list[Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in curves:
+        doc = json.loads(c.read_text())
+        pts = [p for p in doc["points"] if p["wall_s"] is not None]
+        ax.plot([p["wall_s"] / 60 for p in pts], [100 * p["successes"] / p["episodes"] for p in pts], "o-",
+                label=doc.get("label", doc["run"]))
+    ax.set_xlabel("training wall time, one thread [min]")
+    ax.set_ylabel(f"success_once on {doc['states']} unseen states [%]")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, nargs="?", help="training run directory")
+    ap.add_argument("--task", default="PushCube")
+    ap.add_argument("--states", type=int, default=20)
+    ap.add_argument("--json", type=Path, help="curve JSON to write (and resume)")
+    ap.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--plot", type=Path, help="PNG of success vs wall time for the --curves files")
+    ap.add_argument("--curves", type=Path, nargs="*", default=[])
+    a = ap.parse_args(argv)
+    if a.run is not None:
+        if a.json is None:
+            ap.error("--json is required with a run directory")
+        run_curve(a.run, a.task, a.states, a.json, a.threads, a.workers, a.every)
+    if a.plot is not None:
+        plot(a.curves or [a.json], a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
