@@ -9,7 +9,9 @@ Measured in one process, interleaved (every round runs each case once, in a rota
 - ``naive_k``: eager PyTorch without a KV-cache (the whole history recomputed every step), bundle's K.
 
 For each: the transformer step (one block appended), the action sampler, and the whole control step, at
-half the cache's length; then the control step as the history grows from 1 block to the cache's maximum
+half the cache's length, interleaved with fp32 matmuls that measure this machine's sgemm rate
+(``par_deploy.bench.roofline``: GFLOP per component counted on the reference, achieved GFLOP/s, fraction of
+that rate); then the control step as the history grows from 1 block to the cache's maximum
 (engine, reference_k, naive_k) and as K varies (engine bundles re-exported per K, reference_k). Peak resident
 memory and cold load time come from two fresh processes (``par_deploy.bench.memory``): the engine process
 imports the runtime only, the reference process torch and the model.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from par_deploy.bench import roofline
 from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.errors import ParError
 from par_deploy.locate import source_checkpoint, task_bundle
@@ -40,6 +43,7 @@ TARGETS = {  # issue: bench targets, measured as ratios in one run
     "control_step_speedup_vs_same_k": (">=", 2.0),
     "engine_full_cache_over_one_block": ("<=", 1.2),
     "engine_over_reference_peak_memory": ("<=", 0.5),
+    "engine_control_step_fraction_of_sgemm": (">=", 0.5),  # issue #10: of the 512^3 one-thread sgemm rate
 }
 
 
@@ -159,8 +163,13 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
     for name, p in policies.items():
         _fill(p, mid, inputs)
         cases.update(_step_cases(name, p, mid, inputs, _noise(p, rng)))
+    sgemm_cases = roofline.sgemm_cases(cfg)  # the machine's matmul rate, timed interleaved with the components
+    cases.update(sgemm_cases)
     bar.stage("components", opt.reps)
     comp = {k: summarize(v) for k, v in interleaved(cases, opt.reps, opt.warmup, bar.advance).items()}
+    sgemm = roofline.split_sgemm(comp, sgemm_cases, cfg)
+    roof = roofline.roofline(roofline.count_flops(policies["reference_k"], mid, inputs,
+                                                  _noise(policies["reference_k"], rng)), sgemm, comp)
 
     # 2. history scaling
     max_b = cfg.max_blocks
@@ -215,6 +224,8 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
         "reference_full_cache_over_one_block":
             history["reference_k"][hist[-1]]["p50"] / history["reference_k"][hist[0]]["p50"],
         "naive_full_cache_over_one_block": history["naive_k"][hist[-1]]["p50"] / history["naive_k"][hist[0]]["p50"],
+        "engine_control_step_fraction_of_sgemm":
+            roof["cases"]["engine/control_step"]["fraction_of_sgemm_512x512x512"],
     }
     if memory:
         ratios["engine_over_reference_peak_memory"] = (
@@ -236,7 +247,7 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
         "components_ms": comp, "history_ms": {n: {str(h): s for h, s in v.items()} for n, v in history.items()},
         "k_ms": {n: {str(k): s for k, s in v.items()} for n, v in k_curve.items()},
         "k_sweep_parity": {str(k): v for k, v in k_parity.items()},
-        "memory": memory, "ratios": ratios, "targets": targets,
+        "memory": memory, "ratios": ratios, "targets": targets, "roofline": roof,
     }
 
 
@@ -290,6 +301,8 @@ def print_report(result: dict, console=None) -> None:
     for name, s in result["components_ms"].items():
         t.add_row(name, *(f"{s[k]:.2f}" for k in ("p50", "p90", "p99", "min")))
     console.print(t)
+    if "roofline" in result:
+        roofline.print_roofline(result["roofline"], console)
     r = Table(title="ratios (one run)")
     r.add_column("ratio")
     r.add_column("value", justify="right")
@@ -312,7 +325,7 @@ def plot_result(result: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     for name, curve in result["history_ms"].items():
         xs = sorted(int(h) for h in curve)
         a.plot(xs, [curve[str(x)]["p50"] for x in xs], marker="o", label=name)
@@ -330,6 +343,8 @@ def plot_result(result: dict, path: str | Path) -> None:
     b.set_ylabel("control step p50 (ms)")
     b.set_title("cost vs K")
     b.legend()
+    if "roofline" in result:
+        roofline.plot_roofline(c, result["roofline"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

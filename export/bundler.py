@@ -19,6 +19,7 @@ from par_deploy.export.errors import ExportError
 from par_deploy.export.graphs import build_graphs, check_exportable, example_inputs
 from par_deploy.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, export_onnx
 from par_deploy.export.parity import parity_report
+from par_deploy.export.precision import INT8_GRAPHS, INT8_METHOD, check_precision, quantize_int8
 from par_deploy.export.torchscript_export import export_torchscript
 from par_deploy.model.par import PARModel
 from par_deploy.runtime import load
@@ -31,7 +32,6 @@ from par_deploy.runtime.bundle import (
     SAMPLER_GRAPHS,
     TEXT_PREFIX_FILE,
     UNROLL_MAX_STEPS,
-    BackendUnavailable,
     cache_layout,
     file_entry,
     graph_specs,
@@ -131,14 +131,7 @@ def _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx
         raise ConfigError(f"sampler_graph must be 'auto', 'unrolled' or 'loop', got {sampler_graph!r}")
     if onnx_exporter not in EXPORTERS:
         raise ConfigError(f"onnx_exporter must be one of {EXPORTERS}, got {onnx_exporter!r}")
-    if precision == "fp16":
-        cpu_only = [b for b in backends if b in ("onnx", "torchscript")]
-        if cpu_only:
-            raise BackendUnavailable(
-                f"precision 'fp16' is not available for {cpu_only}: the ONNX Runtime CPU and TorchScript CPU "
-                "backends run fp32 only. Export with precision='fp32', or backends=('tensorrt',) for fp16 "
-                "engines."
-            )
+    check_precision(precision, tuple(backends))
     if "tensorrt" in backends:
         from par_deploy.runtime.tensorrt_policy import import_tensorrt
 
@@ -167,7 +160,10 @@ def export_bundle(
     the ONNX graphs, which are then always written; needs TensorRT + CUDA). ``denoise_steps``/``sampler``:
     the few-step Action-DiT sampler baked into the graphs. ``sampler_graph``: ``"unrolled"`` (K steps in one
     graph), ``"loop"`` (condition graph + one denoise-step graph called K times) or ``"auto"`` (unrolled for
-    K <= 16). ``precision``: ``"fp32"``, or ``"fp16"`` (TensorRT only). ``onnx_exporter``: ``"dynamo"`` or
+    K <= 16). ``precision`` (recorded in the manifest; ``par_deploy.export.precision``): ``"fp32"``;
+    ``"int8"`` (ONNX Runtime dynamic quantization of the transformer step's MatMul weights; the fp32 ONNX stays as
+    the engine's ``source``, which TensorRT builds int8 engines from); ``"fp16"`` (TensorRT only); ``"bf16"``
+    (refused with the reason while ONNX Runtime's CPU provider has no bf16 kernels). ``onnx_exporter``: ``"dynamo"`` or
     ``"legacy"``. After export every backend is loaded from the bundle and run against ``TorchPolicy`` on
     ``parity_steps``-step synthetic episodes with the same noise; the parity numbers go into the manifest
     and the report, and ``ExportError`` is raised if they exceed the tolerances (``require_parity=False``:
@@ -219,13 +215,9 @@ def export_bundle(
                 onnx_exporter,
                 opset,
             )
-            entry = file_entry(root, files[0])
-            engines["onnx"][name] = {
-                **entry,
-                "precision": "fp32",
-                "external_data": [file_entry(root, f) for f in files[1:]],
-            }
-            _log(progress, f"  onnx {name}: {entry['bytes'] / 1e6:.2f} MB")
+            engines["onnx"][name] = _onnx_entry(root, name, files, precision)
+            _log(progress, f"  onnx {name} ({engines['onnx'][name]['precision']}): "
+                           f"{engines['onnx'][name]['bytes'] / 1e6:.2f} MB")
         seconds["onnx"] = time.perf_counter() - t0
     if "torchscript" in backends:
         t0 = time.perf_counter()
@@ -256,6 +248,7 @@ def export_bundle(
         "source_checkpoint": portable_path(checkpoint_dir),  # relative to the working directory
         "config": cfg.to_dict(),
         "precision": precision,
+        "quantization": INT8_METHOD if precision == "int8" else None,
         "backends": sorted(b for b in backends if b != "tensorrt"),
         "sampler": {
             "kind": sampler,
@@ -324,6 +317,18 @@ def export_bundle(
             "do not deploy it"
         )
     return report
+
+
+def _onnx_entry(root: Path, name: str, files: list[Path], precision: str) -> dict[str, Any]:
+    """The manifest entry of one ONNX graph: the exporter's fp32 file, or (int8 bundles, graphs in
+    ``INT8_GRAPHS``) its quantized copy with the fp32 file kept as ``source`` (what TensorRT builds from)."""
+    entry = {**file_entry(root, files[0]), "precision": "fp32",
+             "external_data": [file_entry(root, f) for f in files[1:]]}
+    if precision != "int8" or name not in INT8_GRAPHS:
+        return entry
+    quantized = quantize_int8(files[0], files[0].with_suffix(".int8.onnx"), external_data=len(files) > 1)
+    return {**file_entry(root, quantized[0]), "precision": "int8",
+            "external_data": [file_entry(root, f) for f in quantized[1:]], "source": entry}
 
 
 def _close(policy: BundlePolicy) -> None:

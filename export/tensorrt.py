@@ -3,10 +3,13 @@
 ``check_onnx_for_tensorrt`` verifies, without TensorRT, what the ONNX parser will consume: opset range,
 every op in the parser's support list, all-static input shapes, uint8 inputs only cast (TensorRT accepts
 uint8 as network I/O only). ``build_engines`` builds one engine per graph with the real ``tensorrt`` API
-(explicit batch, one optimisation profile with min = opt = max = the manifest's static shapes, fp16 or fp32)
-and serialises it to ``tensorrt/<graph>.plan``, recording it in the manifest. Engines are specific to a GPU
+(explicit batch, one optimisation profile with min = opt = max = the manifest's static shapes) at the
+manifest's precision (fp32; fp16; int8 from an explicitly quantized Q/DQ ONNX made by NVIDIA ModelOpt from the
+bundle's fp32 graph: the ONNX Runtime int8 graphs of an int8 bundle use MatMulInteger, which TensorRT does not
+parse) and serialises it to ``tensorrt/<graph>.plan``, recording it in the manifest. Engines are specific to a GPU
 and a TensorRT version, so build them on the deployment machine:
-``python -m par_deploy.export.tensorrt BUNDLE [--precision fp16]``.
+``python -m par_deploy.export.tensorrt BUNDLE [--precision fp16|int8]``. None of this can run on a machine
+without CUDA and TensorRT (DESIGN §2): only the ONNX it consumes is tested there.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from par_deploy.runtime.bundle import (
 )
 from par_deploy.runtime.tensorrt_policy import import_tensorrt
 
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
 TRT_MIN_OPSET, TRT_MAX_OPSET = 9, 20  # TensorRT 10.0's ONNX parser (onnx-tensorrt docs/operators.md)
 
 # Operators the TensorRT 10 ONNX parser supports (onnx-tensorrt docs/operators.md, "Supported: Y").
@@ -107,17 +111,38 @@ def _fp16_onnx(trt, onnx_path: Path, work_dir: Path) -> Path:
     return out
 
 
+def _int8_onnx(onnx_path: Path, work_dir: Path, calibration: Path | None) -> Path:
+    """A Q/DQ (explicitly quantized) int8 ONNX for TensorRT, by NVIDIA ModelOpt's ONNX post-training quantization.
+
+    ``calibration``: an ``.npz`` keyed by the graph's input names (real observations give real activation
+    ranges); without it ModelOpt calibrates on random inputs, so check the engine's parity before deploying.
+    """
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"int8 TensorRT engines are built from a Q/DQ ONNX; install NVIDIA ModelOpt (pip install "
+            f"'nvidia-modelopt[onnx]') or build with precision='fp32'/'fp16' ({e})"
+        ) from None
+    out = work_dir / (onnx_path.stem + ".int8.qdq.onnx")
+    quantize(onnx_path=str(onnx_path), quantize_mode="int8", output_path=str(out),
+             calibration_data=None if calibration is None else str(calibration))
+    return out
+
+
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
     profile: dict[str, tuple[tuple[int, ...], ...]],
     precision: str = "fp32",
     workspace_bytes: int = 1 << 30,
+    calibration: Path | None = None,
 ) -> Path:
     """Parse ``onnx_path``, build a serialized engine and write it to ``plan_path``.
 
     ``profile``: ``{input: (min, opt, max)}`` for the single optimisation profile. fp16 uses
-    ``BuilderFlag.FP16`` on TensorRT 10 and an fp16 ONNX (ModelOpt AutoCast) on TensorRT 11+.
+    ``BuilderFlag.FP16`` on TensorRT 10 and an fp16 ONNX (ModelOpt AutoCast) on TensorRT 11+; int8 parses a
+    ModelOpt Q/DQ ONNX (``calibration``: its ``.npz`` of inputs) and sets ``BuilderFlag.INT8`` where it exists.
     """
     trt, _ = import_tensorrt()  # TensorRT >= 10
     logger = trt.Logger(trt.Logger.WARNING)
@@ -129,6 +154,8 @@ def build_engine(
         source = onnx_path
         if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
             source = _fp16_onnx(trt, onnx_path, Path(tmp))
+        elif precision == "int8":
+            source = _int8_onnx(onnx_path, Path(tmp), calibration)
         if not parser.parse_from_file(str(source)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
@@ -137,6 +164,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if precision == "fp16" and hasattr(trt.BuilderFlag, "FP16"):
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8" and hasattr(trt.BuilderFlag, "INT8"):
+        config.set_flag(trt.BuilderFlag.INT8)
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -164,27 +193,31 @@ def build_engines(
     precision: str | None = None,
     workspace_bytes: int = 1 << 30,
     progress: bool = False,
+    calibration: str | Path | None = None,
 ) -> dict[str, float]:
     """Build ``tensorrt/<graph>.plan`` for every graph of a bundle from its ONNX and add them to the manifest.
 
-    ``precision``: ``"fp32"`` or ``"fp16"`` (default: the manifest's). Returns build seconds per graph.
+    ``precision``: ``"fp32"``, ``"fp16"`` or ``"int8"`` (default: the manifest's ``precision`` field, the one
+    ``par-deploy export --precision`` records). Every engine is built from the fp32 ONNX the exporter wrote
+    (``onnx_source``). Returns build seconds per graph.
     """
     root = Path(bundle_dir)
     bundle = open_bundle(root)
     m = bundle.manifest
     verify_engine_files(root, m, "onnx")  # the engines' source
     precision = precision or m["precision"]
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    if precision not in TRT_PRECISIONS:
+        raise ValueError(f"TensorRT precision must be one of {TRT_PRECISIONS}, got {precision!r}")
     import_tensorrt()  # fail before any work when TensorRT or the GPU is missing
     profiles = tensorrt_profiles(m)
     entries, seconds = {}, {}
     for name, spec in bundle.graphs.items():
-        onnx_path = bundle.engine_path("onnx", name)
+        onnx_path = onnx_source(root, m, name)
         check_onnx_for_tensorrt(onnx_path, spec)
         t0 = time.perf_counter()
         plan = build_engine(
-            onnx_path, root / "tensorrt" / f"{name}.plan", profiles[name], precision, workspace_bytes
+            onnx_path, root / "tensorrt" / f"{name}.plan", profiles[name], precision, workspace_bytes,
+            None if calibration is None else Path(calibration) / f"{name}.npz",
         )
         seconds[name] = time.perf_counter() - t0
         entries[name] = {**file_entry(root, plan), "precision": precision, "external_data": []}
@@ -200,16 +233,31 @@ def build_engines(
     return seconds
 
 
+def onnx_source(root: Path, manifest: dict[str, Any], graph: str) -> Path:
+    """The fp32 ONNX of ``graph``: the onnx engine itself, or the ``source`` an int8 bundle keeps beside its
+    quantized graph (checked against its recorded sha256)."""
+    entry = manifest["engines"]["onnx"][graph]
+    src = entry.get("source")
+    if src is None:
+        return root / entry["file"]
+    if file_entry(root, root / src["file"]) != {k: src[k] for k in ("file", "sha256", "bytes")}:
+        raise ExportError(f"{root / src['file']}: fp32 source of the {graph!r} graph does not match its sha256 "
+                          "in the manifest; re-export the bundle")
+    return root / src["file"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m par_deploy.export.tensorrt", description=build_engines.__doc__
     )
     p.add_argument("bundle")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default=None)
+    p.add_argument("--precision", choices=TRT_PRECISIONS, default=None)
+    p.add_argument("--calibration", default=None, help="int8: directory of <graph>.npz input batches")
     p.add_argument("--workspace-gb", type=float, default=1.0)
     a = p.parse_args(argv)
     try:
-        build_engines(a.bundle, a.precision, int(a.workspace_gb * (1 << 30)), progress=True)
+        build_engines(a.bundle, a.precision, int(a.workspace_gb * (1 << 30)), progress=True,
+                      calibration=a.calibration)
     except ParError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

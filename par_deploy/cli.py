@@ -204,7 +204,9 @@ def export(
     backend: Annotated[list[str], typer.Option(help="onnx, torchscript, tensorrt (repeatable).")] = ["onnx"],  # noqa: B006
     denoise_steps: Annotated[int, typer.Option(help="K: Action-DiT denoiser calls per chunk.")] = 4,
     sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 (fp16: TensorRT only).")] = "fp32",
+    precision: Annotated[str, typer.Option(
+        help="fp32; int8 (ONNX Runtime: int8 transformer-step weights, VNNI); fp16 (TensorRT only); bf16 "
+             "(refused with the reason while ONNX Runtime's CPU provider lacks bf16 kernels).")] = "fp32",
     sampler_graph: Annotated[str, typer.Option(help="auto, unrolled (K steps in one graph) or loop.")] = "auto",
     onnx_exporter: Annotated[str, typer.Option(help="dynamo or legacy torch.onnx exporter.")] = "dynamo",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle in OUT.")] = False,

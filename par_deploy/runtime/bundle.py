@@ -48,7 +48,7 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TEXT_PREFIX_FILE = "text_prefix.npz"
 BACKENDS = ("onnx", "torchscript", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # int8: ONNX Runtime (par_deploy.export.precision)
 SAMPLER_GRAPHS = ("unrolled", "loop")
 UNROLL_MAX_STEPS = (
     16  # larger K uses the condition + denoise-step loop (export time and graph size grow with K)
