@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from par_deploy.bench.roofline import COMPONENTS
-from par_deploy.bench.run import BenchError, _fill, _inputs, _noise, _source_checkpoint, _step_cases
+from par_deploy.bench.run import BenchError, _fill, _inputs, _noise, _step_cases
 from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.errors import ParError
+from par_deploy.locate import source_checkpoint
 
 
 def compare(a: str | Path, b: str | Path, reps: int = 50, warmup: int = 3) -> dict:
@@ -33,7 +34,7 @@ def compare(a: str | Path, b: str | Path, reps: int = 50, warmup: int = 3) -> di
     ma, mb = runtime.read_manifest(a), runtime.read_manifest(b)
     if ma["checkpoint_hash"] != mb["checkpoint_hash"] or ma["sampler"]["steps"] != mb["sampler"]["steps"]:
         raise BenchError(f"{a} and {b} come from different checkpoints or denoising steps; nothing to compare")
-    ckpt = _source_checkpoint(ma, Path(a))
+    ckpt = source_checkpoint(Path(a), ma)
     model, norm = from_pretrained(ckpt)
     pol = {"a": runtime.load(a, "onnx", threads=1, checkpoint=ckpt), "b": runtime.load(b, "onnx", threads=1)}
     pol["reference"] = TorchPolicy(model, norm, ma["sampler"]["kind"], pol["a"].denoise_steps)

@@ -34,6 +34,7 @@ import numpy as np
 from par_deploy.bench import roofline
 from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.errors import ParError
+from par_deploy.locate import source_checkpoint, task_bundle
 
 SCHEMA = "par-bench"
 SCHEMA_VERSION = 1
@@ -121,13 +122,6 @@ def _memory(kind: str, path: Path, threads: int, k: int | None = None, sampler: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _source_checkpoint(manifest: dict, bundle: Path) -> Path:
-    src = manifest.get("source_checkpoint") or manifest.get("source", {}).get("checkpoint")
-    if not src:
-        raise BenchError(f"{bundle}: the manifest names no source checkpoint; pass --reference CKPT")
-    return Path(src)
-
-
 def bench(bundle: str | Path, reference: str | Path | None = None, options: BenchOptions | None = None) -> dict:
     """Measure a bundle against its PyTorch reference; returns the JSON-ready result."""
     import torch
@@ -141,7 +135,7 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
     if not (bundle / "manifest.json").is_file():
         raise BenchError(f"{bundle}: not a bundle (no manifest.json); run `par-deploy export` first")
     manifest = runtime.read_manifest(bundle)
-    ckpt = Path(reference) if reference else _source_checkpoint(manifest, bundle)
+    ckpt = Path(reference) if reference else source_checkpoint(bundle, manifest)
     if not (ckpt / "config.json").is_file():
         raise BenchError(f"{ckpt}: reference checkpoint not found; pass --reference CKPT")
     torch.set_num_threads(opt.threads)
@@ -356,8 +350,16 @@ def plot_result(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def run_bench(engine: Path, reference: Path | None = None, json_out: Path | None = None,
-              plot: Path | None = None, options: BenchOptions | None = None) -> dict:
+def run_bench(engine: Path | None, reference: Path | None = None, json_out: Path | None = None,
+              plot: Path | None = None, options: BenchOptions | None = None, task: str = "PushCube") -> dict:
+    """What ``par-deploy bench`` does. Without ``engine``: ``task``'s shipped checkpoint through its bundle
+    (``par_deploy.locate.task_bundle``: exported into bundles/<task> when missing or stale)."""
+    from rich.console import Console
+
+    if engine is None:
+        resolved = task_bundle(task, Console(stderr=True))
+        Console().print(f"{task}: {resolved.describe()}")
+        engine, reference = resolved.bundle, reference or resolved.checkpoint
     result = bench(engine, reference, options)
     print_report(result)
     if json_out:

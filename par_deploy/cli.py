@@ -67,14 +67,15 @@ def info(
 
 @command()
 def demo(
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to run (default: the shipped one).")] = None,
-    steps: Annotated[int, typer.Option(help="Control steps to run (0: the whole episode).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the observations and the sampling noise.")] = 0,
+    task: Annotated[str, typer.Option(help="Task whose shipped checkpoint runs (PushCube, ...).")] = "PushCube",
+    checkpoint: Annotated[Path | None, typer.Option(help="Run this checkpoint instead of the task's.")] = None,
+    steps: Annotated[int, typer.Option(help="Stop after this many control steps (0: the whole episode).")] = 0,
+    seed: Annotated[int, typer.Option(help="Initial state (env.reset(seed=500000 + SEED)) and policy seed.")] = 0,
 ) -> None:
     """The main job on the embedded default: export the checkpoint to ONNX, drive a ManiSkill episode with it."""
     from par_deploy.describe import run_demo
 
-    run_demo(checkpoint, steps, seed)
+    run_demo(task, checkpoint, steps, seed)
 
 
 @command()
@@ -227,15 +228,18 @@ def export(
 
 @command()
 def bench(
-    engine: Annotated[Path, typer.Option(help="Bundle directory.")],
-    reference: Annotated[Path | None, typer.Option(help="Checkpoint of the PyTorch reference.")] = None,
+    engine: Annotated[Path | None, typer.Option(
+        help="Bundle directory (default: the task's shipped checkpoint, exported once into bundles/<task>).")] = None,
+    task: Annotated[str, typer.Option(help="Without --engine: the task whose checkpoint is measured.")] = "PushCube",
+    reference: Annotated[Path | None, typer.Option(
+        help="Checkpoint of the PyTorch reference (default: the bundle's source checkpoint).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the scaling curves as PNG.")] = None,
 ) -> None:
     """Latency and memory of an engine against the PyTorch reference, measured in one run."""
     from par_deploy.bench import run_bench
 
-    run_bench(engine, reference, json_out, plot)
+    run_bench(engine, reference, json_out, plot, task=task)
 
 
 @command()
@@ -273,12 +277,21 @@ def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Checkpoint (PyTorch reference); with --compare: the engine's reference.")] = None,
+        help="Checkpoint (PyTorch reference); with --compare: the engine's reference. Without --engine and "
+             "--checkpoint: the task's shipped checkpoint through its engine (exported into bundles/<task>).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: onnx, torchscript, tensorrt.")] = "onnx",
     sampler: Annotated[str | None, typer.Option(help="Checkpoint only: ddim or ddpm (default: its own).")] = None,
     steps: Annotated[int | None, typer.Option(help="Checkpoint only: denoising steps K.")] = None,
-    episodes: Annotated[int, typer.Option(help="Rollouts (paper: 125 = 25 initial states x 5 seeds).")] = 125,
-    seeds: Annotated[str, typer.Option(help="Policy (noise) seeds, e.g. 0-4 or 0,1,2.")] = "0-4",
+    states: Annotated[int | None, typer.Option(
+        help="Initial states i = 0 .. N-1 (the environment reset with seed SEED_BASE + i); each runs with every "
+             "policy seed, so episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
+             "--states 125 --seeds 0.")] = None,
+    seeds: Annotated[str, typer.Option(
+        help="Policy (noise) seeds as a list, e.g. 0-4, 0,1,2 or 0 (one seed).")] = "0-4",
+    seed_base: Annotated[int, typer.Option(help="Initial state i is reset with seed SEED_BASE + i.")] = 500_000,
+    episodes: Annotated[int | None, typer.Option(
+        help="Run only the first N episodes of states x seeds (state-major order).")] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes, one core each (0: in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Compute threads per worker.")] = 1,
     video: Annotated[Path | None, typer.Option(help="Write every episode as MP4 into this directory.")] = None,
@@ -293,12 +306,12 @@ def evaluate(
     timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
 ) -> None:
     """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
-    from par_deploy.evaluate import run_eval
+    from par_deploy.eval import run_eval
 
     run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
-             seeds=seeds, workers=workers, threads=threads, json_path=json_out, video_dir=video,
-             compare=compare, max_steps=max_steps, control_mode=control_mode, stop_on_success=stop_on_success,
-             timeout=timeout)
+             states=states, seeds=seeds, seed_base=seed_base, workers=workers, threads=threads, json_path=json_out,
+             video_dir=video, compare=compare, max_steps=max_steps, control_mode=control_mode,
+             stop_on_success=stop_on_success, timeout=timeout)
 
 
 def main() -> None:

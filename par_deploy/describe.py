@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from par_deploy.config import preset as make_preset
+from par_deploy.locate import shipped_checkpoint_path
 from par_deploy.model.par import PARModel
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "pushcube-cpu-small"
+SHIPPED_CHECKPOINT = shipped_checkpoint_path("PushCube")
 PAPER_TABLE_1_M = {"causal_transformer": 608.7, "frame_detokenizer": 32.8, "action_detokenizer": 21.1,
                    "action_tokenizer": 0.6, "total": 663.2}
 
@@ -44,100 +43,88 @@ def describe(preset: str = "cpu-small", checkpoint: Path | None = None, console:
     return groups
 
 
-def _demo_checkpoint(checkpoint: Path | None, console: Console) -> Path:
-    """The checkpoint the demo runs: the given one, the shipped one, or (until one is shipped) an untrained
-    cpu-small model saved under bundles/ with the PushCube observation layout."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    if SHIPPED_CHECKPOINT.exists():
-        return SHIPPED_CHECKPOINT
-    from par_deploy.checkpoint import save_pretrained
-    from par_deploy.normalize import Normalizer
+class RandomObservationEnv:
+    """The ``ParEnv`` interface over random observations (uniform pixels, states drawn from the policy's
+    normalisation statistics): what the demo drives when the simulator is unavailable. Never succeeds."""
 
-    path = REPO_ROOT / "bundles" / "untrained-cpu-small"
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = make_preset("cpu-small", state_dim=16, max_blocks=13, extra={"task": "PushCube"})
-        save_pretrained(PARModel(cfg), Normalizer.identity(cfg.action_dim, cfg.state_dim), path)
-    console.print("[yellow]no trained checkpoint is shipped yet: running an untrained cpu-small model[/]")
-    return path
+    def __init__(self, spec, normalizer):
+        self.spec, self.normalizer = spec, normalizer
+        self.num_cameras, self.image_size, self.state_dim = spec.num_cameras, spec.image_size, spec.state_dim
+        self.action_dim = spec.action_dim
+        self.max_episode_steps = spec.max_blocks * spec.chunk_len  # the whole cache
+        self._rng = np.random.default_rng(0)
 
+    def _obs(self) -> dict[str, np.ndarray]:
+        s, n = self.spec, self.normalizer
+        rgb = self._rng.integers(0, 256, (s.num_cameras, s.image_size, s.image_size, 3), dtype=np.uint8)
+        return {"rgb": rgb, "state": n.sample_state(self._rng)}
 
-def _demo_bundle(checkpoint: Path, console: Console) -> Path:
-    """Export (once) the checkpoint to an ONNX bundle under bundles/; re-export when the checkpoint changed."""
-    from par_deploy import runtime
-    from par_deploy.export import export_bundle
+    def reset(self, seed: int) -> dict[str, np.ndarray]:
+        self._rng = np.random.default_rng(seed)
+        return self._obs()
 
-    bundle = REPO_ROOT / "bundles" / f"{checkpoint.name}-onnx-ddim4"
-    try:
-        runtime.load(bundle, "onnx", checkpoint=checkpoint)
-        return bundle
-    except Exception:  # missing, stale or from another checkpoint: export anew
+    def step(self, action: np.ndarray):
+        return self._obs(), 0.0, False, False, {"success": False}
+
+    def close(self) -> None:
         pass
-    console.print(f"exporting {checkpoint} -> {bundle} (ONNX, DDIM 4 steps)")
-    report = export_bundle(checkpoint, bundle, backends=("onnx",), denoise_steps=4, sampler="ddim",
-                           progress=False, overwrite=True)
-    parity = report.parity["onnx"]
-    console.print(f"export {report.seconds['total']:.1f} s; parity vs PyTorch: actions "
-                  f"{parity['actions_max_abs']:.1e}, hidden {parity['hidden_max_abs']:.1e}")
-    return bundle
 
 
-def run_demo(checkpoint: Path | None = None, steps: int = 0, seed: int = 0, console: Console | None = None) -> dict:
-    """The main job: checkpoint -> ONNX engine -> the torch-free runtime drives a ManiSkill episode.
-
-    ``steps`` limits the control steps (0: the task's episode length). Without the simulator the runtime is
-    fed random observations instead, and the output says so.
-    """
-    from par_deploy import runtime
-    from par_deploy.threads import free_cores
-
-    torch.set_num_threads(free_cores())
-    console = console or Console()
-    ckpt = _demo_checkpoint(checkpoint, console)
-    policy = runtime.load(_demo_bundle(ckpt, console), "onnx", seed=seed)
-    task = policy.bundle.config.extra.get("task", "PushCube")
+def _demo_env(task: str, policy, console: Console):
+    """The task's ManiSkill environment, or (the simulator is optional for the demo) random observations."""
     s = policy.spec
-    env = None
     try:
         from par_deploy.sim import make_env
 
-        env = make_env(task, image_size=s.image_size)
-        obs = env.reset(seed=500_000 + seed)
-        source = f"ManiSkill {task}, initial state seed {500_000 + seed}"
-    except Exception as e:  # the simulator is optional for the demo: say why it is not used
-        rng = np.random.default_rng(seed)
+        control_mode = policy.bundle.config.extra.get("control_mode", "pd_ee_delta_pos")
+        return make_env(task, image_size=s.image_size, control_mode=control_mode), f"ManiSkill {task}"
+    except Exception as e:  # noqa: BLE001 - say why it is not used and go on without it
         console.print(f"[yellow]simulator unavailable ({type(e).__name__}: {e}); random observations[/]")
-        source = "random observations"
+        return RandomObservationEnv(s, policy.normalizer), "random observations"
 
-        def random_obs():
-            return {"rgb": rng.integers(0, 256, (s.num_cameras, s.image_size, s.image_size, 3), dtype=np.uint8),
-                    "state": policy.normalizer.sample_state(rng)}
-        obs = random_obs()
-    policy.reset()
-    limit = steps or s.max_blocks
-    latencies, success, env_steps = [], False, 0
-    for n in range(min(limit, s.max_blocks)):
-        t = time.perf_counter()
-        chunk = policy.act(obs)
-        latencies.append((time.perf_counter() - t) * 1e3)
-        if env is None:
-            obs = random_obs()
-        else:
-            for action in chunk:
-                obs, _, terminated, truncated, info = env.step(action)
-                env_steps += 1
-                success = success or bool(info["success"])
-                if terminated or truncated:
-                    break
-        console.print(f"step {n}: chunk {chunk.shape}, first action {np.round(chunk[0], 3).tolist()}, "
-                      f"{latencies[-1]:.1f} ms" + (f", success {success}" if env is not None else ""))
-        if env is not None and (success or terminated or truncated):
-            break
-    if env is not None:
+
+def run_demo(task: str = "PushCube", checkpoint: Path | None = None, steps: int = 0, seed: int = 0,
+             console: Console | None = None) -> dict:
+    """The main job: checkpoint -> ONNX engine -> the torch-free runtime drives one episode.
+
+    The checkpoint defaults to ``task``'s shipped one; its bundle is ``bundles/<task>`` (``par_deploy.locate``).
+    The episode is ``par-deploy eval``'s (``par_deploy.eval.Episode``): initial state ``seed`` (``env.reset(seed=
+    500000 + seed)``), policy seed ``seed``, stopped at the first success or the task's horizon; ``steps`` > 0
+    stops it after that many control steps. Without the simulator the runtime is fed random observations.
+    """
+    from par_deploy import runtime
+    from par_deploy.eval import EVAL_SEED_BASE, Episode
+    from par_deploy.locate import BUNDLES_ROOT, ensure_bundle, task_bundle
+    from par_deploy.sim.env import TASKS
+    from par_deploy.threads import free_cores
+
+    torch.set_num_threads(free_cores())  # for an export
+    console = console or Console()
+    resolved = task_bundle(task, console) if checkpoint is None else ensure_bundle(
+        checkpoint, BUNDLES_ROOT / Path(checkpoint).name, console)
+    console.print(resolved.describe())
+    policy = runtime.load(resolved.bundle, "onnx", seed=seed)
+    task = policy.bundle.config.extra.get("task", task)
+    env, source = _demo_env(task, policy, console)
+    instruction = TASKS[task].instruction if task in TASKS else policy.spec.instructions[0]
+    episode = Episode(policy, env, instruction=instruction, env_seed=EVAL_SEED_BASE + seed, policy_seed=seed,
+                      max_steps=env.max_episode_steps, stop_on_success=True)
+    try:
+        for step in episode:
+            first = [round(float(x), 3) for x in step.chunk[0]]
+            console.print(f"step {step.index}: chunk {step.chunk.shape}, first action {first}, "
+                          f"{step.act_ms:.1f} ms, success {step.success}")
+            if steps and step.index + 1 >= steps:
+                break
+    finally:
         env.close()
-    summary = {"source": source, "control_steps": len(latencies), "env_steps": env_steps, "success": success,
-               "act_ms_p50": float(np.median(latencies)), "backend": "onnx", "denoise_steps": policy.denoise_steps}
-    console.print(f"[bold]{source}: {len(latencies)} control steps ({env_steps} env steps), success {success}; "
-                  f"engine act() p50 {summary['act_ms_p50']:.1f} ms on ONNX Runtime[/]")
+    if episode.error:
+        console.print(f"[yellow]episode ended: {episode.error}[/]")
+    summary = {"source": f"{source}, initial state seed {EVAL_SEED_BASE + seed}", "control_steps": len(episode.act_ms),
+               "env_steps": episode.length, "success": episode.success_once,
+               "act_ms_p50": float(np.median(episode.act_ms)) if episode.act_ms else None, "backend": "onnx",
+               "denoise_steps": policy.denoise_steps}
+    p50 = "-" if summary["act_ms_p50"] is None else f"{summary['act_ms_p50']:.1f}"
+    console.print(f"[bold]{summary['source']}: {summary['control_steps']} control steps ({episode.length} env "
+                  f"steps), success {episode.success_once}; engine act() p50 {p50} ms on ONNX Runtime[/]")
     return summary

@@ -41,3 +41,34 @@ def test_export_of_a_conv_stem_model_passes_parity(tmp_path):
                                  "--report-json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["parity"]["onnx"]["passed"]
+
+
+@pytest.fixture
+def no_shipped(tmp_path, monkeypatch):
+    from par_deploy import locate
+
+    monkeypatch.setattr(locate, "CHECKPOINTS_ROOT", tmp_path / "checkpoints")
+    monkeypatch.setattr(locate, "BUNDLES_ROOT", tmp_path / "bundles")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["eval", "--task", "StackCube"], "error: no shipped checkpoint for StackCube"),
+    (["bench", "--task", "StackCube"], "error: no shipped checkpoint for StackCube"),
+    (["eval", "--task", "Foo"], "error: unknown task 'Foo'; known tasks: PushCube, PickCube, StackCube"),
+    (["eval", "--checkpoint", "missing-ckpt", "--workers", "0"], "error: missing-ckpt: not a checkpoint directory"),
+    (["eval", "--states", "10", "--episodes", "60"], "error: --episodes 60 is more than --states 10 x 5 seeds"),
+])
+def test_eval_and_bench_errors_are_one_line_exit_2(no_shipped, args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.output
+    if "no shipped checkpoint" in message:
+        assert "tasks with one: none" in lines[0] and f"par-deploy train data/{args[2]}" in lines[0]
+
+
+def test_eval_help_says_how_states_seeds_and_episodes_compose():
+    text = " ".join(runner.invoke(app, ["eval", "--help"]).output.replace("│", " ").split())  # rich's boxes
+    assert "episodes = states x seeds" in text and "--states 125 --seeds 0" in text
+    assert "reset with seed SEED_BASE + i" in text

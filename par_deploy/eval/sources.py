@@ -1,0 +1,171 @@
+"""What is evaluated: picklable descriptions of a policy that a worker turns into a ``Policy``.
+
+A source implements four things (``PolicySource``): ``info()`` (the policy's inputs/outputs and the task and
+controller it was trained for, read without loading it), ``identity()`` (what makes two evaluations of it the
+same; a results file resumes only for the same identity), ``load()`` (the ``par_deploy.runtime.Policy`` a
+worker runs) and ``threads``. ``CheckpointSource`` is the PyTorch reference of a checkpoint,
+``EngineSource`` a bundle through the runtime. A remote policy plugs in the same way: a frozen dataclass
+``ServerSource(url)`` whose ``info`` (``SourceInfo.from_config`` of the spec the server reports) and
+``identity`` (its checkpoint hash, sampler and K) come from the server, and whose ``load`` returns the client
+``Policy``; ``run_eval`` then needs one more option to build it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from par_deploy.errors import ParError
+from par_deploy.eval.protocol import EvalError
+from par_deploy.runtime.policy import PolicySpec
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A policy's interface and training task, known before it is loaded."""
+
+    spec: PolicySpec
+    task: str | None  # the task it was trained on (None: unknown)
+    control_mode: str | None  # the controller of its training actions (None: unknown)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SourceInfo:
+        """From a model config dict (``config.json`` or a bundle manifest's ``config``)."""
+        extra = cfg.get("extra") or {}
+        spec = PolicySpec(int(cfg["num_cameras"]), int(cfg["image_size"]), int(cfg["state_dim"]),
+                          int(cfg["action_dim"]), int(cfg["chunk_len"]), int(cfg["max_blocks"]),
+                          tuple(cfg["instructions"]), cfg.get("overflow", "error"))
+        return cls(spec, extra.get("task"), extra.get("control_mode"))
+
+
+class PolicySource(ABC):
+    """A policy to evaluate (see the module docstring). Subclasses are frozen dataclasses (picklable)."""
+
+    label: str = "policy"
+    threads: int = 1
+
+    @abstractmethod
+    def info(self) -> SourceInfo: ...
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load(self):
+        """The ``Policy`` (called once per worker)."""
+
+    @property
+    def name(self) -> str:
+        """How messages name it (a path or address)."""
+        return str(getattr(self, "path", self.label))
+
+    def describe(self) -> dict[str, Any]:
+        """Identity plus where it was loaded from, for the results file (no machine path)."""
+        from par_deploy.locate import portable_path
+
+        path = getattr(self, "path", None)
+        return {**self.identity(), "path": portable_path(path) if path else None, "threads": self.threads}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path}: cannot read ({e})") from None
+
+
+@dataclass(frozen=True)
+class CheckpointSource(PolicySource):
+    """The PyTorch reference (``TorchPolicy``) of a checkpoint directory; ``sampler`` / ``steps`` default to the
+    checkpoint's own."""
+
+    path: str
+    sampler: str | None = None
+    steps: int | None = None
+    threads: int = 1
+    label = "reference"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", str(self.path))
+
+    def config(self) -> dict[str, Any]:
+        path = Path(self.path)
+        if not (path / "config.json").is_file():
+            raise EvalError(f"{path}: not a checkpoint directory (no config.json)")
+        return _read_json(path / "config.json")
+
+    def info(self) -> SourceInfo:
+        return SourceInfo.from_config(self.config())
+
+    def identity(self) -> dict[str, Any]:
+        from par_deploy.runtime.bundle import checkpoint_digest
+
+        cfg = self.config()
+        return {"kind": "checkpoint", "checkpoint_hash": checkpoint_digest(self.path),
+                "sampler": self.sampler or cfg["sampler"], "steps": int(self.steps or cfg["sample_steps"])}
+
+    def load(self):
+        import torch
+
+        from par_deploy.reference import TorchPolicy
+
+        torch.set_num_threads(self.threads)
+        return TorchPolicy.from_pretrained(self.path, sampler=self.sampler, steps=self.steps)
+
+
+@dataclass(frozen=True)
+class EngineSource(PolicySource):
+    """A bundle loaded with ``par_deploy.runtime.load(path, backend)`` (no torch, no export stack)."""
+
+    path: str
+    backend: str = "onnx"
+    threads: int = 1
+    label = "engine"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", str(self.path))
+
+    def manifest(self) -> dict[str, Any]:
+        from par_deploy.runtime.bundle import read_manifest
+
+        return read_manifest(self.path)
+
+    def info(self) -> SourceInfo:
+        return SourceInfo.from_config(self.manifest()["config"])
+
+    def identity(self) -> dict[str, Any]:
+        m = self.manifest()
+        return {"kind": "engine", "checkpoint_hash": m["checkpoint_hash"], "backend": self.backend,
+                "precision": m["precision"], "sampler": m["sampler"]["kind"], "steps": int(m["sampler"]["steps"])}
+
+    def load(self):
+        from par_deploy.runtime import load
+
+        return load(self.path, backend=self.backend, threads=self.threads)
+
+
+def reference_for(engine: EngineSource, checkpoint: str | os.PathLike | None = None) -> CheckpointSource:
+    """The PyTorch reference of an engine bundle, with the bundle's sampler and K (so both draw the same noise).
+
+    ``checkpoint`` defaults to the bundle's source checkpoint (``par_deploy.locate.source_checkpoint``); it must
+    be the checkpoint the bundle was exported from (same sha256)."""
+    from par_deploy.locate import source_checkpoint
+    from par_deploy.runtime.bundle import checkpoint_digest
+
+    m = engine.manifest()
+    try:
+        checkpoint = checkpoint if checkpoint is not None else source_checkpoint(engine.path, m)
+        digest = checkpoint_digest(checkpoint)
+    except ParError as e:
+        raise EvalError(str(e)) from None
+    if digest != m["checkpoint_hash"]:
+        raise EvalError(
+            f"{checkpoint} is not the checkpoint {engine.path} was exported from (sha256 {digest[:12]}... vs "
+            f"{m['checkpoint_hash'][:12]}... in the manifest); a comparison would be meaningless"
+        )
+    return CheckpointSource(str(checkpoint), sampler=m["sampler"]["kind"], steps=int(m["sampler"]["steps"]),
+                            threads=engine.threads)
