@@ -304,6 +304,9 @@ def evaluate(
     stop_on_success: Annotated[bool, typer.Option(
         help="End an episode at its first success (faster; no success_at_end).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
+    server: Annotated[str | None, typer.Option(
+        help="Evaluate the policy served at this URL (`par-deploy serve`, e.g. ws://127.0.0.1:8000; start it with "
+             "--max-clients >= --workers).")] = None,
 ) -> None:
     """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
     from par_deploy.eval import run_eval
@@ -311,7 +314,7 @@ def evaluate(
     run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
              states=states, seeds=seeds, seed_base=seed_base, workers=workers, threads=threads, json_path=json_out,
              video_dir=video, compare=compare, max_steps=max_steps, control_mode=control_mode,
-             stop_on_success=stop_on_success, timeout=timeout)
+             stop_on_success=stop_on_success, timeout=timeout, server=server)
 
 
 def main() -> None:

@@ -721,3 +721,22 @@ def test_resumed_evaluation_in_maniskill_equals_uninterrupted(tmp_path):
     assert [r.state for r in a] == [r.state for r in b] == [0, 1, 2]
     assert [r.trajectory_sha1 for r in a] == [r.trajectory_sha1 for r in b]
     assert [r.success_step for r in a] == [r.success_step for r in b] and all(r.length == 10 for r in a)
+
+
+@pytest.mark.sim
+def test_eval_through_the_policy_server_equals_the_in_process_engine(tmp_path):
+    """`par-deploy eval --server URL`: the same states and noise through the server give the same episodes."""
+    from par_deploy.eval.sources import EngineSource, ServerSource
+    from par_deploy.export import export_bundle
+    from par_deploy.serve.server import PolicyServer, ServerThread
+
+    ckpt = _checkpoint(tmp_path / "ckpt", image_size=64, max_blocks=6, overflow="slide", extra={"task": "PushCube"})
+    bundle = export_bundle(ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
+    kw = {"episodes": 2, "seeds": (0, 1), "max_steps": 32, "workers": 0, "progress": False}
+    local = evaluate("PushCube", EngineSource(str(bundle)), json_path=tmp_path / "a.json", **kw)
+    with ServerThread(PolicyServer(bundle, "onnx", threads=1, pool_size=1, max_clients=2)) as st:
+        served = evaluate("PushCube", ServerSource(st.url), json_path=tmp_path / "b.json", **kw)
+    a, b = local.main.episodes, served.main.episodes
+    assert [r.control_steps for r in a] == [r.control_steps for r in b] == [8, 8]  # past the 6-block cache
+    assert [r.trajectory_sha1 for r in a] == [r.trajectory_sha1 for r in b]
+    assert [r.error for r in b] == [None, None]

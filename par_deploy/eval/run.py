@@ -25,7 +25,7 @@ from par_deploy.eval.protocol import (
 from par_deploy.eval.report import print_report, run_with_progress
 from par_deploy.eval.results import EvalResult, RunBook, load_resume, machine_info, write_json_atomic
 from par_deploy.eval.rollouts import RolloutSetup
-from par_deploy.eval.sources import CheckpointSource, EngineSource, PolicySource, reference_for
+from par_deploy.eval.sources import CheckpointSource, EngineSource, PolicySource, ServerSource, reference_for
 from par_deploy.eval.stats import compare_runs
 
 
@@ -176,9 +176,13 @@ def _command(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sources(task: str, engine, checkpoint, compare: bool, backend: str, sampler, steps, threads: int,
-             console) -> tuple[PolicySource, PolicySource | None, str | None]:
+             console, server: str | None = None) -> tuple[PolicySource, PolicySource | None, str | None]:
     """The policy (and reference) ``run_eval`` evaluates, and a note saying which were resolved for the task."""
     note = None
+    if server is not None:
+        if engine is not None or compare:
+            raise EvalError("--server evaluates the served engine alone: drop --engine and --compare")
+        return ServerSource(server, threads=threads), None, f"{task}: policy served at {server}"
     if engine is not None and checkpoint is not None and not compare:
         raise EvalError("--engine and --checkpoint together need --compare (the checkpoint is then the reference)")
     if compare and engine is None and checkpoint is not None:
@@ -218,6 +222,7 @@ def run_eval(
     stop_on_success: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     progress: bool = True,
+    server: str | None = None,
 ) -> EvalResult:
     """What ``par-deploy eval`` does. With neither ``engine`` nor ``checkpoint``: the task's shipped checkpoint
     through its engine (``par_deploy.locate.task_bundle``). ``states`` x seeds episodes (``episodes``: a prefix)."""
@@ -227,7 +232,7 @@ def run_eval(
     seeds = parse_seeds(seeds)
     n = episode_count(states, episodes, seeds)
     policy, reference, note = _sources(task, engine, checkpoint, compare, backend, sampler, steps, threads,
-                                       Console(stderr=True, quiet=not progress))
+                                       Console(stderr=True, quiet=not progress), server)
     result = evaluate(task, policy, episodes=n, seeds=seeds, workers=workers, json_path=json_path,
                       video_dir=video_dir, max_steps=max_steps, control_mode=control_mode, reference=reference,
                       stop_on_success=stop_on_success, timeout=timeout, state_seed_base=seed_base, command=command,

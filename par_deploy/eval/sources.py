@@ -148,6 +148,49 @@ class EngineSource(PolicySource):
         return load(self.path, backend=self.backend, threads=self.threads)
 
 
+@dataclass(frozen=True)
+class ServerSource(PolicySource):
+    """A policy served by ``par-deploy serve`` and driven through ``par_deploy.client.RemotePolicy``: the
+    simulator runs here, the policy on the server. Each worker opens its own connection (one episode each), so
+    start the server with ``--max-clients`` >= ``--workers``."""
+
+    url: str
+    threads: int = 1
+    label = "server"
+
+    def hello(self) -> dict[str, Any]:
+        from par_deploy.client import RemotePolicy
+
+        try:
+            with RemotePolicy(self.url) as remote:
+                return dict(remote.info)
+        except ParError as e:
+            raise EvalError(str(e)) from None
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def info(self) -> SourceInfo:
+        from par_deploy.serve.protocol import spec_from_dict
+
+        hello = self.hello()
+        return SourceInfo(spec_from_dict(hello.get("spec")), hello.get("task"), hello.get("control_mode"))
+
+    def identity(self) -> dict[str, Any]:
+        h = self.hello()  # the same engine as in-process: results resume and compare across the two
+        return {"kind": "engine", "checkpoint_hash": h.get("checkpoint_hash"), "backend": h.get("backend"),
+                "precision": h.get("precision"), "sampler": h.get("sampler"), "steps": int(h["denoise_steps"])}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.identity(), "server": self.url, "path": None, "threads": self.threads}
+
+    def load(self):
+        from par_deploy.client import RemotePolicy
+
+        return RemotePolicy(self.url)
+
+
 def reference_for(engine: EngineSource, checkpoint: str | os.PathLike | None = None) -> CheckpointSource:
     """The PyTorch reference of an engine bundle, with the bundle's sampler and K (so both draw the same noise).
 

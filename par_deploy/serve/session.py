@@ -116,6 +116,12 @@ def describe_bundle(bundle_dir: str | Path, backend: str) -> dict[str, Any]:
         "bundle_hash": sha256_file(Path(bundle_dir) / MANIFEST_FILE),
         "denoise_steps": bundle.steps,
         "noise_shape": [bundle.steps + 1, spec.chunk_len, spec.action_dim],
+        "checkpoint_hash": bundle.manifest["checkpoint_hash"],
+        "precision": bundle.precision,
+        "sampler": bundle.manifest["sampler"]["kind"],
+        # what the policy was trained for (evaluation checks the task and the controller against these)
+        "task": bundle.config.extra.get("task"),
+        "control_mode": bundle.config.extra.get("control_mode"),
     }
 
 
