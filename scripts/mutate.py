@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -196,10 +197,16 @@ def locate(mutant: Mutant, src: Path) -> Path | None:
     return hits[0] if hits else None
 
 
-def run_suite(src: Path, env: dict[str, str], tests: list[str], timeout: float) -> tuple[str, float, str]:
-    """Run pytest -x in the copy; returns (passed|failed|timeout, seconds, last lines of output)."""
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_suite(src: Path, env: dict[str, str], tests: list[str], timeout: float) -> tuple[str, float, float, str]:
+    """Run pytest -x in the copy; returns (passed|failed|timeout, wall seconds, CPU seconds of the run and its
+    subprocesses, the first failure line)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), _child_cpu()
     proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -209,7 +216,7 @@ def run_suite(src: Path, env: dict[str, str], tests: list[str], timeout: float) 
         os.killpg(proc.pid, signal.SIGKILL)  # the process group this call started (pytest and its workers)
         out, _ = proc.communicate()
         status = "timeout"
-    return status, time.monotonic() - t0, _failure_summary(out)
+    return status, time.monotonic() - t0, _child_cpu() - c0, _failure_summary(out)
 
 
 def _failure_summary(out: str) -> str:
@@ -224,7 +231,7 @@ def run_mutant(m: Mutant, src: Path, env: dict[str, str], tests: list[str], time
     original = path.read_text()
     path.write_text(original.replace(m.old, m.new))
     try:
-        status, seconds, detail = run_suite(src, env, tests, timeout)
+        status, seconds, _, detail = run_suite(src, env, tests, timeout)
     finally:
         path.write_text(original)
     verdict = {"failed": "caught", "timeout": "caught (timeout)", "passed": "survived"}[status]
@@ -253,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="par-mutate-") as tmp:
         src, env = make_copy(ROOT, Path(tmp))
         if not args.no_baseline:
-            status, seconds, detail = run_suite(src, env, args.tests, args.timeout)
-            print(f"baseline (no mutant): {status} in {seconds:.0f} s", flush=True)
+            status, seconds, cpu, detail = run_suite(src, env, args.tests, args.timeout)
+            print(f"baseline (no mutant): {status} in {seconds:.0f} s wall, {cpu:.0f} s CPU", flush=True)
             if status != "passed":
                 print(f"the unmutated suite does not pass ({detail}); fix that first", file=sys.stderr)
                 return 2
