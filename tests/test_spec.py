@@ -133,6 +133,15 @@ def test_normalisation_of_state_and_actions_by_hand():
                                [[-1, -1, -1, 0], [1, 1, 1, 0], [0.5, -0.5, 0.5, 0]], atol=1e-6)
 
 
+def test_statistics_fitted_by_hand():
+    """Actions: per-dimension min and max; state: mean and (population) standard deviation."""
+    n = Normalizer.fit(np.float32([[1.0, -2.0], [3.0, 6.0], [2.0, 0.0]]), np.float32([[0.0, 5.0], [4.0, 5.0]]))
+    np.testing.assert_allclose(n.action_min, [1.0, -2.0])
+    np.testing.assert_allclose(n.action_max, [3.0, 6.0])
+    np.testing.assert_allclose(n.state_mean, [2.0, 5.0])
+    np.testing.assert_allclose(n.state_std, [2.0, 0.0])
+
+
 def test_act_clips_to_the_trained_range_and_returns_controller_units():
     model_out = [[2.0, -3.0, 0.5, 0.7], [-0.5, 0.25, -1.0, -0.2]]  # normalised, partly out of [-1, 1]
     p = _Scripted([model_out, np.zeros((2, 4)), np.zeros((2, 4))])
