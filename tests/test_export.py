@@ -33,6 +33,7 @@ from par_deploy.runtime.bundle import (
     read_manifest,
     sha256_file,
 )
+from tests.conftest import use_skewed_normalizer
 
 torch.set_num_threads(1)
 
@@ -58,7 +59,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(work):
-    ckpt = randomized_checkpoint("tiny", work / "tiny_ckpt", scale=0.05, **TINY)
+    ckpt = use_skewed_normalizer(randomized_checkpoint("tiny", work / "tiny_ckpt", scale=0.05, **TINY))
     report = export_bundle(
         ckpt, work / "tiny_bundle", backends=("onnx", "torchscript"), denoise_steps=4, progress=False
     )
@@ -67,7 +68,7 @@ def tiny(work):
 
 @pytest.fixture(scope="module")
 def custom(work):
-    ckpt = randomized_checkpoint("tiny", work / "custom_ckpt", scale=0.05, **CUSTOM)
+    ckpt = use_skewed_normalizer(randomized_checkpoint("tiny", work / "custom_ckpt", scale=0.05, **CUSTOM))
     report = export_bundle(
         ckpt,
         work / "custom_bundle",

@@ -13,26 +13,14 @@ import torch
 
 from par_deploy import runtime
 from par_deploy.errors import ActionError, InputError
-from par_deploy.export import export_bundle
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.runtime.bundle import BundleError, open_bundle
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    work = tmp_path_factory.mktemp("runtime")
-    ckpt = randomized_checkpoint(
-        "tiny",
-        work / "ckpt",
-        scale=0.05,
-        beta_schedule="linear",
-        instructions=("push the cube", "pick the cube"),
-    )
-    return export_bundle(
-        ckpt, work / "bundle", backends=("onnx",), denoise_steps=4, progress=False
-    ).bundle_dir
+def bundle(runtime_bundle):
+    return runtime_bundle  # tests/conftest.py: tiny, two instructions, non-identity normaliser
 
 
 def _obs(policy, seed=0):

@@ -1,9 +1,10 @@
 """The policy interface every backend implements (numpy in, numpy out; no torch import here).
 
 Control loop (DESIGN §1): at control step n the policy appends block ``[O_{n-1}; A_{n-1}]`` (the observation
-it is given and the chunk it returned last time, BOA at the first step) to its KV-cache, samples the next
-chunk ``A_n`` and returns it denormalised, in the controller's units. The controller executes the whole
-chunk (``chunk_len`` actions) before calling ``act`` again.
+it is given and the chunk executed since the last call, BOA at the first step) to its KV-cache, samples the
+next chunk ``A_n`` and returns it denormalised, in the controller's units. The controller executes the whole
+chunk (``chunk_len`` actions) before calling ``act`` again; if it executed something else (a safety override,
+a replayed demonstration), it passes that chunk as ``act(..., executed=chunk)``.
 
 When the episode outgrows the static cache (``spec.max_blocks`` blocks) the spec's ``overflow`` decides:
 ``"error"`` raises ``CacheFullError``; ``"slide"`` keeps the newest ``max_blocks // 2`` blocks, clears the cache
@@ -112,17 +113,22 @@ class Policy(ABC):
 
     @property
     def last_chunk(self) -> np.ndarray:
-        """The normalised chunk ``[L, A]`` the last ``act`` returned (zeros after ``reset``); a copy."""
+        """The normalised chunk ``[L, A]`` the last ``act`` returned, as the next ``act`` feeds it back unless
+        given ``executed`` (zeros after ``reset``); a copy."""
         return self._prev_chunk.copy()
 
     def noise_shape(self) -> tuple[int, ...]:
         return (self.denoise_steps + 1, self.spec.chunk_len, self.spec.action_dim)
 
     @_serialised
-    def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
+    def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None,
+            executed: np.ndarray | None = None) -> np.ndarray:
         """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
 
         ``noise`` (float32 ``[K+1, L, A]``) makes the sample reproducible across backends.
+        ``executed`` (float32 ``[L, A]``, controller units): the chunk actually executed since the previous
+        call, when it differs from the one returned (safety override, demonstration replay); the policy
+        normalises it as training did and conditions on it. Refused at the first step of an episode.
         """
         if self._instruction is None:
             raise RuntimeError("call reset(instruction) before act()")
@@ -148,12 +154,13 @@ class Policy(ABC):
             state = check_state_range(self.normalizer.normalize_state(state))
         else:
             state = np.zeros(0, np.float32)
+        prev = self._prev_chunk if executed is None else self._executed_chunk(executed)  # normalised [L, A]
         if noise is None:
             noise = self._rng.standard_normal(self.noise_shape()).astype(np.float32)
         noise = check_array(noise, "noise", self.noise_shape(), np.float32)
         if self._pos >= s.max_blocks:
             self._slide()
-        block = (rgb, state, self._prev_chunk.copy(), self._step == 0)
+        block = (rgb, state, prev.copy(), self._step == 0)
         self.step_block(*block, self._pos)
         if s.overflow == "slide":
             self._window.append((rgb.copy(), state.copy(), *block[2:]))
@@ -165,10 +172,22 @@ class Policy(ABC):
                 "may hold non-finite values: call reset() to start a new episode"
             )
         chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)
-        self._prev_chunk[:] = chunk
+        out = self.normalizer.denormalize_action(chunk)  # controller units
+        self._prev_chunk[:] = self.normalizer.normalize_action(out)  # fed back as training feeds a demo chunk
         self._step += 1
         self._pos += 1
-        return self.normalizer.denormalize_action(chunk)
+        return out
+
+    def _executed_chunk(self, executed: np.ndarray) -> np.ndarray:
+        """Validate a chunk in controller units and normalise it (not clipped: it is what was executed)."""
+        if self._step == 0:
+            raise InputError(
+                "executed: no chunk precedes the first act() of an episode (its block starts with BOA); "
+                "pass executed only from the second call on"
+            )
+        s = self.spec
+        executed = check_array(executed, "executed", (s.chunk_len, s.action_dim), np.float32)
+        return self.normalizer.normalize_action(executed)
 
     def _slide(self) -> None:
         """Keep the newest ``max_blocks // 2`` blocks, re-encoded at positions 0, 1, ... of a cleared cache."""
