@@ -4,9 +4,9 @@
 
 For each ``RUN_DIR/checkpoints/step_*`` (and ``final``) this runs ``par-deploy eval`` with the PyTorch reference
 on initial states ``env.reset(seed=500000 + i)``, i < ``--states``, one policy seed, stopping each episode at
-its first success, and records the training wall time at that step (from the run's ``metrics.jsonl``). The JSON
+its first success, and records the training wall and CPU time at that step (from the run's ``metrics.jsonl``). The JSON
 is written after every checkpoint and is also the resume file: a finished checkpoint is not evaluated again.
-``--plot`` draws success against training wall time for one or more such JSON files (the recipe comparison in
+``--plot`` draws success against training CPU time for one or more such JSON files (the recipe comparison in
 docs/recipe.md).
 """
 
@@ -19,6 +19,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+
+def cpu_time_at(run: Path, step: int) -> float | None:
+    """Training CPU seconds up to ``step`` (``cpu_s`` of the run's metrics; None for runs that do not log it)."""
+    metrics = run / "metrics.jsonl"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    recs = [r for r in recs if r["step"] <= step and "cpu_s" in r]
+    return float(recs[-1]["cpu_s"]) * step / recs[-1]["step"] if recs else None
 
 
 def wall_time_at(run: Path, step: int) -> float | None:
@@ -62,7 +70,7 @@ def run_curve(run: Path, task: str, states: int, out: Path, threads: int, worker
         if step in done or step % every:
             continue
         res = evaluate_checkpoint(ckpt, task, states, threads, workers)
-        doc["points"].append({"step": step, "wall_s": wall_time_at(run, step), **res})
+        doc["points"].append({"step": step, "wall_s": wall_time_at(run, step), "cpu_s": cpu_time_at(run, step), **res})
         doc["points"].sort(key=lambda p: p["step"])
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
@@ -81,10 +89,10 @@ def plot(curves: list[Path], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in curves:
         doc = json.loads(c.read_text())
-        pts = [p for p in doc["points"] if p["wall_s"] is not None]
-        ax.plot([p["wall_s"] / 60 for p in pts], [100 * p["successes"] / p["episodes"] for p in pts], "o-",
+        pts = [p for p in doc["points"] if p.get("cpu_s") is not None]
+        ax.plot([p["cpu_s"] / 60 for p in pts], [100 * p["successes"] / p["episodes"] for p in pts], "o-",
                 label=doc.get("label", doc["run"]))
-    ax.set_xlabel("training wall time, one thread [min]")
+    ax.set_xlabel("training CPU time, one thread [min]")
     ax.set_ylabel(f"success_once on {doc['states']} unseen states [%]")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--plot", type=Path, help="PNG of success vs wall time for the --curves files")
+    ap.add_argument("--plot", type=Path, help="PNG of success vs training CPU time for the --curves files")
     ap.add_argument("--curves", type=Path, nargs="*", default=[])
     a = ap.parse_args(argv)
     if a.run is not None:
