@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from par_deploy.checkpoint import CONFIG_FILE, NORM_FILE
+from par_deploy.checkpoint import CONFIG_FILE, NORM_FILE, write_checksums
 from par_deploy.config import PARConfig, preset
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
@@ -36,6 +36,7 @@ def use_skewed_normalizer(ckpt: Path) -> Path:
     """Replace a checkpoint's normalisation statistics by ``skewed_normalizer`` (before exporting it)."""
     cfg = PARConfig.load(Path(ckpt) / CONFIG_FILE)
     skewed_normalizer(cfg.action_dim, cfg.state_dim).save(Path(ckpt) / NORM_FILE)
+    write_checksums(ckpt)  # a deliberate edit: re-seal the checkpoint
     return Path(ckpt)
 
 
