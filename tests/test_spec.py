@@ -117,8 +117,10 @@ class _Scripted(Policy):
     def _reset(self, instruction):
         pass
 
-    def _act(self, rgb, state, prev_chunk, first, step, noise):
-        self.calls.append((state.copy(), prev_chunk.copy(), first, step))
+    def step_block(self, rgb, state, prev_chunk, first, pos):
+        self.calls.append((state.copy(), prev_chunk.copy(), first, pos))
+
+    def sample(self, noise):
         return np.asarray(self.chunks.pop(0), np.float32)
 
 
