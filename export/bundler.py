@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import par_deploy
-from par_deploy.checkpoint import checkpoint_hash, from_pretrained, portable_path
+from par_deploy.checkpoint import checkpoint_hash, from_pretrained
 from par_deploy.errors import ConfigError
 from par_deploy.export.errors import ExportError
 from par_deploy.export.graphs import build_graphs, check_exportable, example_inputs
@@ -21,6 +21,7 @@ from par_deploy.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPOR
 from par_deploy.export.parity import parity_report
 from par_deploy.export.precision import INT8_GRAPHS, INT8_METHOD, check_precision, quantize_int8
 from par_deploy.export.torchscript_export import export_torchscript
+from par_deploy.locate import portable_path
 from par_deploy.model.par import PARModel
 from par_deploy.runtime import load
 from par_deploy.runtime.bundle import (

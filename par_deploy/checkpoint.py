@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from par_deploy.config import PARConfig
 from par_deploy.errors import CheckpointError, ConfigError
+from par_deploy.locate import portable_path
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.bundle import sha256_file
@@ -87,11 +87,6 @@ def verify_checksums(path: Path) -> bool:
                 "deliberate, re-save with par_deploy.checkpoint.write_checksums)"
             )
     return True
-
-
-def portable_path(path: str | Path) -> str:
-    """``path`` relative to the working directory, for files meant to be committed (never a machine path)."""
-    return Path(os.path.relpath(Path(path).resolve(), Path.cwd())).as_posix()
 
 
 def load_state_dict_checked(model: PARModel, sd: dict[str, torch.Tensor], source: str) -> None:
