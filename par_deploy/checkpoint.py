@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from par_deploy.config import PARConfig
 from par_deploy.errors import CheckpointError, ConfigError
+from par_deploy.files import atomic_path
 from par_deploy.locate import portable_path
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
@@ -45,10 +46,9 @@ def save_pretrained(model: PARModel, normalizer: Normalizer, path: str | Path,
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    tmp = path / (WEIGHTS_FILE + ".tmp")
     (path / CHECKSUM_FILE).unlink(missing_ok=True)  # a half-rewritten checkpoint has no valid checksums
-    save_file(sd, str(tmp), metadata={"format": "par"})
-    tmp.replace(path / WEIGHTS_FILE)
+    with atomic_path(path / WEIGHTS_FILE) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "par"})
     model.cfg.save(path / CONFIG_FILE)
     normalizer.save(path / NORM_FILE)
     write_checksums(path)

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from par_deploy.files import atomic_write
+
 
 def cpu_time_at(run: Path, step: int) -> float | None:
     """Training CPU seconds up to ``step`` (``cpu_s`` of the run's metrics; None for runs that do not log it)."""
@@ -73,9 +75,7 @@ def run_curve(run: Path, task: str, states: int, out: Path, threads: int, worker
         doc["points"].append({"step": step, "wall_s": wall_time_at(run, step), "cpu_s": cpu_time_at(run, step), **res})
         doc["points"].sort(key=lambda p: p["step"])
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(out)
+        atomic_write(out, json.dumps(doc, indent=1) + "\n")
         print(f"{run.name} step {step}: {res['successes']}/{res['episodes']}", flush=True)
     return doc
 

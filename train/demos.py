@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from par_deploy.errors import ConfigError, InputError
+from par_deploy.files import atomic_path, atomic_write
 
 FORMAT = "par-demos"
 VERSION = 1
@@ -189,20 +190,9 @@ def _episode_path(out_dir: Path, index: int) -> Path:
     return out_dir / "episodes" / f"ep_{index:06d}.npz"
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_episode(path: Path, ep: dict[str, np.ndarray]) -> None:
-    _write_atomic(path, lambda f: np.savez_compressed(f, **ep))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez_compressed(f, **ep)
 
 
 def _build_meta(env, task: str) -> dict[str, Any]:
@@ -234,7 +224,7 @@ def _write_or_check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
             raise ConfigError(f"{path} was written with different settings ({details}); use another out_dir")
         return
     text = json.dumps(meta, indent=2) + "\n"
-    _write_atomic(path, lambda f: f.write(text.encode()))
+    atomic_write(path, text)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from par_deploy.errors import ResumeError
+from par_deploy.files import atomic_path, atomic_write
 from par_deploy.runtime.bundle import sha256_file
 
 TENSORS_FILE, META_FILE, LEGACY_FILE = "state.safetensors", "state.json", "state.pt"
@@ -69,16 +70,13 @@ def save_state(run: Path, step: int, model: dict, ema: dict, optimizer: dict, sa
     for rank, r in enumerate(rngs):
         tensors[f"rng.{rank}.torch"] = r["torch"]
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = run / (TENSORS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(run / TENSORS_FILE)
+    with atomic_path(run / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp))
     meta = {"format": FORMAT, "version": 1, "step": step, "sampler": sampler,
             "optimizer": {"param_groups": optimizer["param_groups"], "scalars": opt_scalars},
             "rng": [{k: v for k, v in r.items() if k != "torch"} for r in rngs],
             "tensors_sha256": sha256_file(run / TENSORS_FILE)}
-    tmp = run / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta) + "\n")
-    tmp.replace(run / META_FILE)
+    atomic_write(run / META_FILE, json.dumps(meta) + "\n")
 
 
 def load_state(run: Path, rank: int, world: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 from par_deploy.eval.episode import EpisodeRecord
 from par_deploy.eval.protocol import EpisodeJob, EvalMismatch
 from par_deploy.eval.stats import summarize
+from par_deploy.files import atomic_write
 
 FORMAT = "par-eval"
 VERSION = 2  # 2: episodes isolated (a fresh environment each); 1's results depended on the worker's history
@@ -61,16 +62,7 @@ def portable_argv(argv: Sequence[str]) -> list[str]:
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, json.dumps(doc, indent=1) + "\n")
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:

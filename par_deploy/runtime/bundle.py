@@ -40,6 +40,7 @@ import numpy as np
 
 from par_deploy.config import PARConfig
 from par_deploy.errors import ConfigError, ParError
+from par_deploy.files import atomic_write
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import PolicySpec
 
@@ -202,9 +203,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (a reader never sees a half-written manifest)."""
-    tmp = root / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(root / MANIFEST_FILE)
+    atomic_write(root / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def file_entry(root: Path, path: Path) -> dict[str, Any]:
