@@ -23,21 +23,22 @@ from pathlib import Path
 from par_deploy.files import atomic_write
 
 
-def cpu_time_at(run: Path, step: int) -> float | None:
-    """Training CPU seconds up to ``step`` (``cpu_s`` of the run's metrics; None for runs that do not log it)."""
+def metrics_up_to(run: Path, step: int) -> list[dict]:
+    """The run's ``metrics.jsonl`` records logged at or before ``step`` (empty when there is none)."""
     metrics = run / "metrics.jsonl"
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    recs = [r for r in recs if r["step"] <= step and "cpu_s" in r]
+    return [r for r in recs if r["step"] <= step]
+
+
+def cpu_time_at(run: Path, step: int) -> float | None:
+    """Training CPU seconds up to ``step`` (``cpu_s`` of the run's metrics; None for runs that do not log it)."""
+    recs = [r for r in metrics_up_to(run, step) if "cpu_s" in r]
     return float(recs[-1]["cpu_s"]) * step / recs[-1]["step"] if recs else None
 
 
 def wall_time_at(run: Path, step: int) -> float | None:
     """Training wall seconds up to ``step``: ``elapsed_s`` when the run logs it, else batch size x step / rate."""
-    metrics = run / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r["step"] <= step]
+    recs = metrics_up_to(run, step)
     if not recs:
         return None
     last = recs[-1]
