@@ -259,7 +259,6 @@ def serve(
     """
     import logging
 
-    from par_deploy.errors import ParError
     from par_deploy.serve.server import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -267,9 +266,8 @@ def serve(
     try:
         run_server(bundle, host=host, port=port, backend=backend, threads=threads, pool_size=pool,
                    max_clients=max_clients)
-    except (ParError, OSError) as e:  # a bad bundle, a port in use: a message, no traceback
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except OSError as e:  # a port in use or not ours: a user error like a bad bundle (ParError, the wrapper's)
+        raise ConfigError(f"cannot listen on {host}:{port} ({e}); choose another --host/--port") from None
 
 
 @command(name="eval")
