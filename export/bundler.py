@@ -38,7 +38,7 @@ from par_deploy.runtime.bundle import (
     graph_specs,
     write_manifest,
 )
-from par_deploy.runtime.engine import BundlePolicy
+from par_deploy.runtime.bundle_policy import BundlePolicy
 
 
 @dataclass

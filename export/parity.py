@@ -8,7 +8,7 @@ import torch
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy
-from par_deploy.runtime.engine import BundlePolicy
+from par_deploy.runtime.bundle_policy import BundlePolicy
 from par_deploy.synthetic import synthetic_batch
 
 # Allowed max abs differences. Hidden states and the Action-DiT condition: ``hidden_rel * max(1, scale)``, scale =

@@ -85,7 +85,7 @@ MUTANTS = [
     _m("boa-off-by-one", "par_deploy/runtime/policy.py",
        "chunk = self._act(rgb, state, prev, self._step == 0, self._step, noise)",
        "chunk = self._act(rgb, state, prev, self._step <= 1, self._step, noise)", "BOA also at the second step"),
-    _m("slot-no-text", "par_deploy/runtime/engine.py", "return self.text_slots + step * self.block_len",
+    _m("slot-no-text", "par_deploy/runtime/bundle_policy.py", "return self.text_slots + step * self.block_len",
        "return step * self.block_len", "engine writes blocks over the text prefix"),
     _m("ort-first-block-slot", "par_deploy/runtime/onnx_policy.py", "s = self.slot(step)  #", "s = self.slot(0)  #",
        "ONNX runner writes every block into the first slot"),

@@ -4,7 +4,7 @@ import torch
 
 from par_deploy.config import preset
 from par_deploy.errors import CacheFullError, InputError
-from par_deploy.model.heads import set_sizes
+from par_deploy.model.detokenizers import set_sizes
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy

@@ -21,8 +21,8 @@ from par_deploy.config import PARConfig
 from par_deploy.errors import CacheFullError, ConfigError, InputError
 from par_deploy.kernels.attention import cache_step_mask
 from par_deploy.kernels.cache import write_block_
+from par_deploy.model.detokenizers import ActionDiT, DiscreteActionHead, DiscreteFrameHead, FrameDetokenizer
 from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule
-from par_deploy.model.heads import ActionDiT, DiscreteActionHead, DiscreteFrameHead, FrameDetokenizer
 from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask, text_mask
 from par_deploy.model.rope import BlockRope
 from par_deploy.model.tokenizers import (

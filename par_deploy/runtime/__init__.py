@@ -29,7 +29,7 @@ from par_deploy.runtime.bundle import (
 from par_deploy.runtime.policy import Policy, PolicySpec
 
 if TYPE_CHECKING:
-    from par_deploy.runtime.engine import BundlePolicy
+    from par_deploy.runtime.bundle_policy import BundlePolicy
     from par_deploy.runtime.onnx_policy import OnnxPolicy
     from par_deploy.runtime.tensorrt_policy import TensorRTPolicy
     from par_deploy.runtime.torchscript_policy import TorchScriptPolicy
@@ -38,7 +38,7 @@ _LAZY = {
     "OnnxPolicy": "par_deploy.runtime.onnx_policy",
     "TorchScriptPolicy": "par_deploy.runtime.torchscript_policy",
     "TensorRTPolicy": "par_deploy.runtime.tensorrt_policy",
-    "BundlePolicy": "par_deploy.runtime.engine",
+    "BundlePolicy": "par_deploy.runtime.bundle_policy",
 }
 
 __all__ = [

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec, check_io
-from par_deploy.runtime.engine import BundlePolicy
+from par_deploy.runtime.bundle_policy import BundlePolicy
 
 _ORT_TYPES = {
     "tensor(float)": "float32",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec, check_io
-from par_deploy.runtime.engine import BundlePolicy
+from par_deploy.runtime.bundle_policy import BundlePolicy
 
 _ALIASES = {"cond": "action_cond"}
 _HOST_IO = ("rgb", "state", "prev_actions", "first", "pos", "action_cond", "frame_hidden", "actions")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec
-from par_deploy.runtime.engine import BundlePolicy
+from par_deploy.runtime.bundle_policy import BundlePolicy
 
 
 class TorchScriptPolicy(BundlePolicy):
