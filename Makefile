@@ -13,6 +13,7 @@ run: setup
 
 lint:
 	@$(PYTHON) -m ruff check .
+	@$(PYTHON) -m ruff format --check .
 
 # Everything CI runs: lint, the fast suite, and the small real simulator / training / export tests.
 test: setup lint

@@ -50,11 +50,16 @@ def compare(a: str | Path, b: str | Path, reps: int = 50, warmup: int = 3) -> di
     def over(x: str, y: str) -> dict[str, float]:
         return {c: p50[f"{y}/{c}"] / p50[f"{x}/{c}"] for c in COMPONENTS}
 
-    return {"a": {"bundle": str(a), "precision": ma["precision"]},
-            "b": {"bundle": str(b), "precision": mb["precision"]},
-            "reps": reps, "load_avg_1m": [load, os.getloadavg()[0]], "p50_ms": p50,
-            "b_over_a": over("b", "a"), "a_over_reference": over("a", "reference"),
-            "b_over_reference": over("b", "reference")}
+    return {
+        "a": {"bundle": str(a), "precision": ma["precision"]},
+        "b": {"bundle": str(b), "precision": mb["precision"]},
+        "reps": reps,
+        "load_avg_1m": [load, os.getloadavg()[0]],
+        "p50_ms": p50,
+        "b_over_a": over("b", "a"),
+        "a_over_reference": over("a", "reference"),
+        "b_over_reference": over("b", "reference"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,12 +46,19 @@ def run(kind: str, path: str, steps: int, k: int | None, sampler: str | None, th
     rng = np.random.default_rng(0)
     policy.reset()
     for _ in range(min(steps, s.max_blocks)):
-        obs = {"rgb": rng.integers(0, 256, (s.num_cameras, s.image_size, s.image_size, 3), dtype=np.uint8),
-               "state": policy.normalizer.sample_state(rng)}
+        obs = {
+            "rgb": rng.integers(0, 256, (s.num_cameras, s.image_size, s.image_size, 3), dtype=np.uint8),
+            "state": policy.normalizer.sample_state(rng),
+        }
         policy.act(obs)
     peak_mb = peak_rss_mb()
-    return {"kind": kind, "peak_rss_mb": peak_mb, "load_s": load_s, "steps": min(steps, s.max_blocks),
-            "imported_torch": "torch" in sys.modules}
+    return {
+        "kind": kind,
+        "peak_rss_mb": peak_mb,
+        "load_s": load_s,
+        "steps": min(steps, s.max_blocks),
+        "imported_torch": "torch" in sys.modules,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,8 +36,7 @@ def count_flops(policy, step: int, inputs: tuple, noise) -> dict[str, float]:
 
 def sgemm_shapes(cfg) -> dict[str, tuple[int, int, int]]:
     """``name -> (M, K, N)``: the 512^3 probe and the step's largest matmul (block tokens x dim x MLP width)."""
-    return {"512x512x512": (512, 512, 512),
-            "step_shape": (cfg.block_len, cfg.dim, int(cfg.dim * cfg.mlp_ratio))}
+    return {"512x512x512": (512, 512, 512), "step_shape": (cfg.block_len, cfg.dim, int(cfg.dim * cfg.mlp_ratio))}
 
 
 def sgemm_cases(cfg, seed: int = 0) -> dict[str, Callable[[], object]]:
@@ -72,13 +71,17 @@ def split_sgemm(comp: dict[str, dict], cases: dict[str, Callable[[], object]], c
     for name, (m, k, n) in sgemm_shapes(cfg).items():
         stats = comp.pop(SGEMM_PREFIX + name)
         reps = cases[SGEMM_PREFIX + name].reps
-        out[name] = {"shape_mkn": [m, k, n], "ms_per_matmul": stats["p50"] / reps,
-                     "gflops": 2.0 * m * k * n * reps / (stats["p50"] * 1e6)}
+        out[name] = {
+            "shape_mkn": [m, k, n],
+            "ms_per_matmul": stats["p50"] / reps,
+            "gflops": 2.0 * m * k * n * reps / (stats["p50"] * 1e6),
+        }
     return out
 
 
-def roofline(gflop: dict[str, float], sgemm: dict[str, dict], comp: dict[str, dict],
-             policies: tuple[str, ...] = SAME_WORK) -> dict:
+def roofline(
+    gflop: dict[str, float], sgemm: dict[str, dict], comp: dict[str, dict], policies: tuple[str, ...] = SAME_WORK
+) -> dict:
     """Per timed case ``policy/component`` of ``policies`` (those doing the counted work: the same K, with the
     cache): GFLOP, achieved GFLOP/s at p50 and its fraction of each sgemm rate."""
     cases = {}
@@ -87,10 +90,17 @@ def roofline(gflop: dict[str, float], sgemm: dict[str, dict], comp: dict[str, di
         if policy not in policies or component not in gflop or stats["p50"] <= 0:
             continue
         rate = gflop[component] / (stats["p50"] / 1e3)
-        cases[case] = {"gflop": gflop[component], "gflops": rate,
-                       **{f"fraction_of_sgemm_{n}": rate / s["gflops"] for n, s in sgemm.items()}}
-    return {"gflop_per_component": gflop, "sgemm": sgemm, "cases": cases,
-            "counted_on": "PyTorch reference (torch.utils.flop_counter.FlopCounterMode)"}
+        cases[case] = {
+            "gflop": gflop[component],
+            "gflops": rate,
+            **{f"fraction_of_sgemm_{n}": rate / s["gflops"] for n, s in sgemm.items()},
+        }
+    return {
+        "gflop_per_component": gflop,
+        "sgemm": sgemm,
+        "cases": cases,
+        "counted_on": "PyTorch reference (torch.utils.flop_counter.FlopCounterMode)",
+    }
 
 
 def print_roofline(roof: dict, console) -> None:
@@ -103,8 +113,9 @@ def print_roofline(roof: dict, console) -> None:
     for col in ("GFLOP", "GFLOP/s", *(f"% of {n}" for n in sg)):
         t.add_column(col, justify="right")
     for case, r in roof["cases"].items():
-        t.add_row(case, f"{r['gflop']:.3f}", f"{r['gflops']:.1f}",
-                  *(f"{100 * r[f'fraction_of_sgemm_{n}']:.0f}%" for n in sg))
+        t.add_row(
+            case, f"{r['gflop']:.3f}", f"{r['gflops']:.1f}", *(f"{100 * r[f'fraction_of_sgemm_{n}']:.0f}%" for n in sg)
+        )
     console.print(t)
 
 

@@ -106,17 +106,26 @@ def _machine(threads: int) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "threads": threads,
-            "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "threads": threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def _memory(kind: str, path: Path, threads: int, k: int | None = None, sampler: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "par_deploy.bench.memory", kind, str(path), "--threads", str(threads)]
     if k is not None:
         cmd += ["--k", str(k), "--sampler", sampler]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+    )
     if proc.returncode != 0:
         raise BenchError(f"memory probe ({kind}) failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,8 +177,9 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
     bar.stage("components", opt.reps)
     comp = {k: summarize(v) for k, v in interleaved(cases, opt.reps, opt.warmup, bar.advance).items()}
     sgemm = roofline.split_sgemm(comp, sgemm_cases, cfg)
-    roof = roofline.roofline(roofline.count_flops(policies["reference_k"], mid, inputs,
-                                                  _noise(policies["reference_k"], rng)), sgemm, comp)
+    roof = roofline.roofline(
+        roofline.count_flops(policies["reference_k"], mid, inputs, _noise(policies["reference_k"], rng)), sgemm, comp
+    )
 
     # 2. history scaling
     max_b = cfg.max_blocks
@@ -221,11 +231,10 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
         "transformer_step_speedup": c["reference_k/transformer_step"] / c["engine/transformer_step"],
         "sampler_speedup_same_k": c["reference_k/sampler"] / c["engine/sampler"],
         "engine_full_cache_over_one_block": history["engine"][hist[-1]]["p50"] / history["engine"][hist[0]]["p50"],
-        "reference_full_cache_over_one_block":
-            history["reference_k"][hist[-1]]["p50"] / history["reference_k"][hist[0]]["p50"],
+        "reference_full_cache_over_one_block": history["reference_k"][hist[-1]]["p50"]
+        / history["reference_k"][hist[0]]["p50"],
         "naive_full_cache_over_one_block": history["naive_k"][hist[-1]]["p50"] / history["naive_k"][hist[0]]["p50"],
-        "engine_control_step_fraction_of_sgemm":
-            roof["cases"]["engine/control_step"]["fraction_of_sgemm_512x512x512"],
+        "engine_control_step_fraction_of_sgemm": roof["cases"]["engine/control_step"]["fraction_of_sgemm_512x512x512"],
     }
     if memory:
         ratios["engine_over_reference_peak_memory"] = (
@@ -235,19 +244,39 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
     for name, (op, bound) in TARGETS.items():
         if name in ratios:
             value = ratios[name]
-            targets[name] = {"value": value, "target": f"{op} {bound}",
-                             "met": value >= bound if op == ">=" else value <= bound}
+            targets[name] = {
+                "value": value,
+                "target": f"{op} {bound}",
+                "met": value >= bound if op == ">=" else value <= bound,
+            }
     return {
-        "schema": SCHEMA, "version": SCHEMA_VERSION, "bundle": str(bundle), "reference": str(ckpt),
-        "config": {"preset_dims": {"dim": cfg.dim, "depth": cfg.depth, "block_len": cfg.block_len,
-                                   "max_blocks": cfg.max_blocks}, "sampler": kind, "denoise_steps": K,
-                   "train_timesteps": cfg.train_timesteps, "history_point": mid + 1},
-        "options": asdict(opt), "machine": _machine(opt.threads),
+        "schema": SCHEMA,
+        "version": SCHEMA_VERSION,
+        "bundle": str(bundle),
+        "reference": str(ckpt),
+        "config": {
+            "preset_dims": {
+                "dim": cfg.dim,
+                "depth": cfg.depth,
+                "block_len": cfg.block_len,
+                "max_blocks": cfg.max_blocks,
+            },
+            "sampler": kind,
+            "denoise_steps": K,
+            "train_timesteps": cfg.train_timesteps,
+            "history_point": mid + 1,
+        },
+        "options": asdict(opt),
+        "machine": _machine(opt.threads),
         "load_s": {"engine": engine_load, "reference": reference_load},
-        "components_ms": comp, "history_ms": {n: {str(h): s for h, s in v.items()} for n, v in history.items()},
+        "components_ms": comp,
+        "history_ms": {n: {str(h): s for h, s in v.items()} for n, v in history.items()},
         "k_ms": {n: {str(k): s for k, s in v.items()} for n, v in k_curve.items()},
         "k_sweep_parity": {str(k): v for k, v in k_parity.items()},
-        "memory": memory, "ratios": ratios, "targets": targets, "roofline": roof,
+        "memory": memory,
+        "ratios": ratios,
+        "targets": targets,
+        "roofline": roof,
     }
 
 
@@ -258,8 +287,9 @@ def _export_k(ckpt: Path, out: Path, k: int, kind: str, threads: int):
     from par_deploy import runtime
     from par_deploy.export import export_bundle
 
-    report = export_bundle(ckpt, out, backends=("onnx",), denoise_steps=k, sampler=kind, progress=False,
-                           require_parity=False)
+    report = export_bundle(
+        ckpt, out, backends=("onnx",), denoise_steps=k, sampler=kind, progress=False, require_parity=False
+    )
     p = report.parity["onnx"]
     parity = {key: p[key] for key in ("hidden_max_abs", "actions_max_abs", "passed")}
     return runtime.load(out, "onnx", threads=threads), parity
@@ -294,8 +324,10 @@ def print_report(result: dict, console=None) -> None:
 
     console = console or Console()
     cfg = result["config"]
-    t = Table(title=f"control step at {cfg['history_point']} blocks of history (ms; {cfg['sampler']} "
-                    f"K={cfg['denoise_steps']}, train schedule {cfg['train_timesteps']} steps)")
+    t = Table(
+        title=f"control step at {cfg['history_point']} blocks of history (ms; {cfg['sampler']} "
+        f"K={cfg['denoise_steps']}, train schedule {cfg['train_timesteps']} steps)"
+    )
     for col in ("case", "p50", "p90", "p99", "min"):
         t.add_column(col, justify="right" if col != "case" else "left")
     for name, s in result["components_ms"].items():
@@ -314,9 +346,11 @@ def print_report(result: dict, console=None) -> None:
     console.print(r)
     if result["memory"]:
         m = result["memory"]
-        console.print(f"peak RSS: engine process {m['engine']['peak_rss_mb']:.0f} MB (torch imported: "
-                      f"{m['engine']['imported_torch']}), reference process {m['reference']['peak_rss_mb']:.0f} MB; "
-                      f"cold load {m['engine']['load_s']:.2f} s vs {m['reference']['load_s']:.2f} s")
+        console.print(
+            f"peak RSS: engine process {m['engine']['peak_rss_mb']:.0f} MB (torch imported: "
+            f"{m['engine']['imported_torch']}), reference process {m['reference']['peak_rss_mb']:.0f} MB; "
+            f"cold load {m['engine']['load_s']:.2f} s vs {m['reference']['load_s']:.2f} s"
+        )
 
 
 def plot_result(result: dict, path: str | Path) -> None:
@@ -350,8 +384,14 @@ def plot_result(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def run_bench(engine: Path | None, reference: Path | None = None, json_out: Path | None = None,
-              plot: Path | None = None, options: BenchOptions | None = None, task: str = "PushCube") -> dict:
+def run_bench(
+    engine: Path | None,
+    reference: Path | None = None,
+    json_out: Path | None = None,
+    plot: Path | None = None,
+    options: BenchOptions | None = None,
+    task: str = "PushCube",
+) -> dict:
     """What ``par-deploy bench`` does. Without ``engine``: ``task``'s shipped checkpoint through its bundle
     (``par_deploy.locate.task_bundle``: exported into bundles/<task> when missing or stale)."""
     from rich.console import Console

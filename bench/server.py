@@ -30,8 +30,10 @@ def server_overhead(bundle: str | Path, reps: int = 200, backend: str = "onnx", 
     with ServerProcess(bundle, "--backend", backend) as server, RemotePolicy(server.url) as remote:
         rng = np.random.default_rng(seed)
         spec = local.spec
-        obs = {"rgb": rng.integers(0, 256, (spec.num_cameras, spec.image_size, spec.image_size, 3), np.uint8),
-               "state": rng.standard_normal(spec.state_dim).astype(np.float32)}
+        obs = {
+            "rgb": rng.integers(0, 256, (spec.num_cameras, spec.image_size, spec.image_size, 3), np.uint8),
+            "state": rng.standard_normal(spec.state_dim).astype(np.float32),
+        }
         noise = rng.standard_normal(local.noise_shape()).astype(np.float32)
         chunks: dict[str, np.ndarray] = {}
         server_ms: list[float] = []
@@ -49,14 +51,20 @@ def server_overhead(bundle: str | Path, reps: int = 200, backend: str = "onnx", 
 
         for p in (local, remote):
             p.reset(seed=seed)
-        cases = {"in_process": lambda: chunks.__setitem__("in_process", local.act(obs, noise)),
-                 "server": remote_act}
+        cases = {"in_process": lambda: chunks.__setitem__("in_process", local.act(obs, noise)), "server": remote_act}
         samples = interleaved(cases, reps, warmup=3, on_round=next_round)
     server_ms = server_ms[-reps:]  # drop the warm-up calls
     transport = [rt - s / 1e3 for rt, s in zip(samples["server"], server_ms, strict=True)]
-    result = {"bundle": str(bundle), "backend": backend, "reps": reps, "max_blocks": spec.max_blocks,
-              "in_process_act": summarize(samples["in_process"]), "server_round_trip": summarize(samples["server"]),
-              "server_time": summarize([s / 1e3 for s in server_ms]), "transport": summarize(transport)}
+    result = {
+        "bundle": str(bundle),
+        "backend": backend,
+        "reps": reps,
+        "max_blocks": spec.max_blocks,
+        "in_process_act": summarize(samples["in_process"]),
+        "server_round_trip": summarize(samples["server"]),
+        "server_time": summarize([s / 1e3 for s in server_ms]),
+        "transport": summarize(transport),
+    }
     result["overhead_p50_ms"] = result["server_round_trip"]["p50"] - result["in_process_act"]["p50"]
     return result
 

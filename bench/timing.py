@@ -11,12 +11,19 @@ import numpy as np
 def summarize(samples_s: list[float]) -> dict[str, float]:
     """Milliseconds: p50, p90, p99, min, mean, and the number of samples."""
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "min": float(ms.min()), "mean": float(ms.mean()), "n": int(ms.size)}
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "min": float(ms.min()),
+        "mean": float(ms.mean()),
+        "n": int(ms.size),
+    }
 
 
-def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 3,
-                on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    cases: dict[str, Callable[[], object]], reps: int, warmup: int = 3, on_round: Callable[[int], None] | None = None
+) -> dict[str, list[float]]:
     """Run every case ``warmup`` times, then ``reps`` rounds of one call each, rotating the order per round."""
     names = list(cases)
     for name in names:
@@ -24,7 +31,7 @@ def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int =
             cases[name]()
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             t = time.perf_counter()
             cases[name]()

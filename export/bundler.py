@@ -52,9 +52,7 @@ class ExportReport:
     denoise_steps: int
     sampler_graph: str
     onnx_exporter: str
-    seconds: dict[str, float] = field(
-        default_factory=dict
-    )  # "load", "text_prefix", each backend, "parity", "total"
+    seconds: dict[str, float] = field(default_factory=dict)  # "load", "text_prefix", each backend, "parity", "total"
     sizes: dict[str, int] = field(default_factory=dict)  # bundle-relative file -> bytes
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend -> parity_report(...)
 
@@ -109,8 +107,7 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(
-                f"{out}: directory exists and is not empty; choose a new directory or pass overwrite=True "
-                "(--overwrite)"
+                f"{out}: directory exists and is not empty; choose a new directory or pass overwrite=True (--overwrite)"
             )
         if not (out / MANIFEST_FILE).is_file():
             raise ExportError(f"{out}: not empty and not a bundle; refusing to overwrite it")
@@ -217,8 +214,10 @@ def export_bundle(
                 opset,
             )
             engines["onnx"][name] = _onnx_entry(root, name, files, precision)
-            _log(progress, f"  onnx {name} ({engines['onnx'][name]['precision']}): "
-                           f"{engines['onnx'][name]['bytes'] / 1e6:.2f} MB")
+            _log(
+                progress,
+                f"  onnx {name} ({engines['onnx'][name]['precision']}): {engines['onnx'][name]['bytes'] / 1e6:.2f} MB",
+            )
         seconds["onnx"] = time.perf_counter() - t0
     if "torchscript" in backends:
         t0 = time.perf_counter()
@@ -263,9 +262,7 @@ def export_bundle(
         "cache": {**cache_layout(cfg), "overflow": cfg.overflow},
         "graphs": {name: spec.to_dict() for name, spec in specs.items()},
         "engines": engines,
-        "onnx": {"exporter": onnx_exporter, "opset": opset, "torch": torch.__version__}
-        if onnx_backends
-        else None,
+        "onnx": {"exporter": onnx_exporter, "opset": opset, "torch": torch.__version__} if onnx_backends else None,
         "text_prefix": {
             **file_entry(root, root / TEXT_PREFIX_FILE),
             "instructions": list(cfg.instructions),
@@ -323,13 +320,20 @@ def export_bundle(
 def _onnx_entry(root: Path, name: str, files: list[Path], precision: str) -> dict[str, Any]:
     """The manifest entry of one ONNX graph: the exporter's fp32 file, or (int8 bundles, graphs in
     ``INT8_GRAPHS``) its quantized copy with the fp32 file kept as ``source`` (what TensorRT builds from)."""
-    entry = {**file_entry(root, files[0]), "precision": "fp32",
-             "external_data": [file_entry(root, f) for f in files[1:]]}
+    entry = {
+        **file_entry(root, files[0]),
+        "precision": "fp32",
+        "external_data": [file_entry(root, f) for f in files[1:]],
+    }
     if precision != "int8" or name not in INT8_GRAPHS:
         return entry
     quantized = quantize_int8(files[0], files[0].with_suffix(".int8.onnx"), external_data=len(files) > 1)
-    return {**file_entry(root, quantized[0]), "precision": "int8",
-            "external_data": [file_entry(root, f) for f in quantized[1:]], "source": entry}
+    return {
+        **file_entry(root, quantized[0]),
+        "precision": "int8",
+        "external_data": [file_entry(root, f) for f in quantized[1:]],
+        "source": entry,
+    }
 
 
 def _close(policy: BundlePolicy) -> None:

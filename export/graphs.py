@@ -108,9 +108,7 @@ def build_graphs(model: PARModel, schedule: SamplerSchedule, sampler_graph: str)
 _DTYPES = {"float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64, "bool": torch.bool}
 
 
-def example_inputs(
-    spec: GraphSpec, seed: int = 0, position: int = 0, step: int = 0
-) -> tuple[torch.Tensor, ...]:
+def example_inputs(spec: GraphSpec, seed: int = 0, position: int = 0, step: int = 0) -> tuple[torch.Tensor, ...]:
     """Random example inputs for tracing/exporting a graph: block index ``position`` (< max_blocks), sampler
     step index ``step`` (< K), BOA flag off."""
     g = torch.Generator().manual_seed(seed)

@@ -33,9 +33,7 @@ from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy
 
 
-def randomized_checkpoint(
-    preset_name: str, out_dir: Path, scale: float = 0.02, seed: int = 0, **overrides
-) -> Path:
+def randomized_checkpoint(preset_name: str, out_dir: Path, scale: float = 0.02, seed: int = 0, **overrides) -> Path:
     """Save a ``save_pretrained`` checkpoint of a preset whose every parameter got ``scale`` * N(0, 1) added
     (the zero-initialised output layers otherwise make the untrained heads output 0)."""
     cfg = preset(preset_name, **overrides)
@@ -107,9 +105,7 @@ def measure(
             return rep.bundle_dir
 
         main = bundle("main", backends=("onnx", "torchscript"), denoise_steps=4, sampler_graph="unrolled")
-        legacy = bundle(
-            "legacy", backends=("onnx",), denoise_steps=4, sampler_graph="unrolled", onnx_exporter="legacy"
-        )
+        legacy = bundle("legacy", backends=("onnx",), denoise_steps=4, sampler_graph="unrolled", onnx_exporter="legacy")
         samplers = {
             (k, form): bundle(f"k{k}_{form}", backends=("onnx",), denoise_steps=k, sampler_graph=form)
             for k in steps
@@ -158,10 +154,7 @@ def measure(
         sampler_ms = {}
         rng = np.random.default_rng(0)
         for k in steps:
-            loops = {
-                form: load_policy(samplers[(k, form)], "onnx", threads=threads)
-                for form in ("unrolled", "loop")
-            }
+            loops = {form: load_policy(samplers[(k, form)], "onnx", threads=threads) for form in ("unrolled", "loop")}
             for p in loops.values():
                 p.reset()
                 p.step_block(*_block_args(p, obs[0], 0))
@@ -222,9 +215,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m par_deploy.export.measure", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m par_deploy.export.measure", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--steps", type=int, nargs="+", default=[4, 10])

@@ -67,9 +67,7 @@ def export_onnx(
             else:
                 torch.onnx.export(module, args, str(path), dynamo=False, do_constant_folding=True, **kw)
     except Exception as e:  # exporters raise many exception types; name the graph and the exporter
-        raise ExportError(
-            f"{exporter} ONNX export of graph {spec.name!r} failed: {type(e).__name__}: {e}"
-        ) from e
+        raise ExportError(f"{exporter} ONNX export of graph {spec.name!r} failed: {type(e).__name__}: {e}") from e
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)

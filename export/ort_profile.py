@@ -27,8 +27,9 @@ def node_counts(path: Path) -> dict[str, int]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    c = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-                            for n in graph.node)
+    c = collections.Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node
+    )
     return dict(c.most_common())
 
 
@@ -68,11 +69,17 @@ def profile_graph(path: Path, spec, runs: int = 50, seed: int = 0) -> dict:
             by_op[e["args"]["op_name"]] += e["dur"]  # microseconds
     total = sum(by_op.values())
     file_counts = node_counts(path)
-    return {"nodes": sum(file_counts.values()), "nodes_by_op": file_counts,
-            "optimized_nodes": sum(optimized.values()), "optimized_nodes_by_op": optimized, "runs": runs,
-            "kernel_ms_per_run": total / runs / 1e3,
-            "ops_by_time": [{"op": op, "ms_per_run": us / runs / 1e3, "share": us / total}
-                            for op, us in by_op.most_common()]}
+    return {
+        "nodes": sum(file_counts.values()),
+        "nodes_by_op": file_counts,
+        "optimized_nodes": sum(optimized.values()),
+        "optimized_nodes_by_op": optimized,
+        "runs": runs,
+        "kernel_ms_per_run": total / runs / 1e3,
+        "ops_by_time": [
+            {"op": op, "ms_per_run": us / runs / 1e3, "share": us / total} for op, us in by_op.most_common()
+        ],
+    }
 
 
 def profile_bundle(bundle_dir: str | Path, runs: int = 50) -> dict[str, dict]:
@@ -84,12 +91,16 @@ def profile_bundle(bundle_dir: str | Path, runs: int = 50) -> dict[str, dict]:
 def format_profile(result: dict[str, dict], top: int = 10) -> str:
     lines = []
     for name, p in result.items():
-        lines.append(f"{name}: {p['nodes']} nodes in the file, {p['optimized_nodes']} after ONNX Runtime's "
-                     f"optimizer; kernels {p['kernel_ms_per_run']:.2f} ms per run ({p['runs']} runs)")
+        lines.append(
+            f"{name}: {p['nodes']} nodes in the file, {p['optimized_nodes']} after ONNX Runtime's "
+            f"optimizer; kernels {p['kernel_ms_per_run']:.2f} ms per run ({p['runs']} runs)"
+        )
         lines.append("  file:      " + ", ".join(f"{k} {v}" for k, v in list(p["nodes_by_op"].items())[:top]))
         lines.append("  optimized: " + ", ".join(f"{k} {v}" for k, v in list(p["optimized_nodes_by_op"].items())[:top]))
-        lines.append("  by time:   " + ", ".join(f"{o['op']} {o['ms_per_run']:.2f} ms ({100 * o['share']:.0f}%)"
-                                               for o in p["ops_by_time"][:top]))
+        lines.append(
+            "  by time:   "
+            + ", ".join(f"{o['op']} {o['ms_per_run']:.2f} ms ({100 * o['share']:.0f}%)" for o in p["ops_by_time"][:top])
+        )
     return "\n".join(lines)
 
 

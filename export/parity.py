@@ -32,8 +32,9 @@ TOLERANCES = {
 }
 
 
-def synthetic_observations(model: PARModel, steps: int, seed: int = 0,
-                           normalizer: Normalizer | None = None) -> list[dict[str, np.ndarray]]:
+def synthetic_observations(
+    model: PARModel, steps: int, seed: int = 0, normalizer: Normalizer | None = None
+) -> list[dict[str, np.ndarray]]:
     """``steps`` observations of a synthetic episode (``par_deploy.synthetic``), as ``Policy.act`` takes.
     With ``normalizer`` the synthetic state is a normalised one, mapped to the checkpoint's state units."""
     cfg = model.cfg
@@ -67,9 +68,7 @@ def parity_report(
     """
     cfg = model.cfg  # a sliding cache is checked across two slides, a static one up to its length
     steps = max(steps, 2 * cfg.max_blocks + 1) if cfg.overflow == "slide" else min(steps, cfg.max_blocks)
-    ref = TorchPolicy(
-        model, normalizer, sampler=engine.bundle.manifest["sampler"]["kind"], steps=engine.denoise_steps
-    )
+    ref = TorchPolicy(model, normalizer, sampler=engine.bundle.manifest["sampler"]["kind"], steps=engine.denoise_steps)
     rng = np.random.default_rng(seed)
     obs = synthetic_observations(model, steps, seed, normalizer)
     K_o = model.cfg.frame_tokens
@@ -95,8 +94,11 @@ def parity_report(
             ref_actions.append(ref.last_chunk)
     acts = np.stack(ref_actions)
     rel = TOLERANCES[precision]
-    tol = {"hidden": rel["hidden_rel"] * max(1.0, scale["hidden"]), "cond": rel["hidden_rel"] * max(1.0, scale["cond"]),
-           "actions": rel["actions"]}
+    tol = {
+        "hidden": rel["hidden_rel"] * max(1.0, scale["hidden"]),
+        "cond": rel["hidden_rel"] * max(1.0, scale["cond"]),
+        "actions": rel["actions"],
+    }
     passed = all(diffs[k] <= tol[k] for k in tol)
     return {
         "backend": engine.backend,

@@ -21,8 +21,13 @@ from par_deploy.runtime.bundle import BackendUnavailable
 # ran them ~1.5x faster here. The sampler's are [L=8 x D]: quantizing the activations per call costs what the
 # int8 kernel saves (measured 1.0x) and its error enters the actions directly, so it stays fp32.
 INT8_GRAPHS = ("step",)
-INT8_METHOD = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-               "op_types": ["MatMul", "Gemm"], "per_channel": False, "graphs": list(INT8_GRAPHS)}
+INT8_METHOD = {
+    "method": "onnxruntime.quantization.quantize_dynamic",
+    "weight_type": "QInt8",
+    "op_types": ["MatMul", "Gemm"],
+    "per_channel": False,
+    "graphs": list(INT8_GRAPHS),
+}
 
 
 def check_precision(precision: str, backends: tuple[str, ...]) -> None:
@@ -60,7 +65,8 @@ def ort_has_bf16_matmul() -> bool:
 
     bf16 = TensorProto.BFLOAT16
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "bf16_probe",
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "bf16_probe",
         [helper.make_tensor_value_info("a", bf16, [2, 2]), helper.make_tensor_value_info("b", bf16, [2, 2])],
         [helper.make_tensor_value_info("c", bf16, [2, 2])],
     )
@@ -85,9 +91,15 @@ def quantize_int8(src: Path, dst: Path, external_data: bool = False) -> list[Pat
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_METHOD["op_types"],
-                         per_channel=INT8_METHOD["per_channel"], use_external_data_format=external_data,
-                         extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(
+            src,
+            dst,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=INT8_METHOD["op_types"],
+            per_channel=INT8_METHOD["per_channel"],
+            use_external_data_format=external_data,
+            extra_options={"MatMulConstBOnly": True},
+        )
     finally:
         log.setLevel(level)
     return [dst] + sorted(p for p in dst.parent.glob(dst.name + "*") if p != dst)

@@ -81,9 +81,7 @@ def check_onnx_for_tensorrt(path: Path, spec: GraphSpec) -> dict[str, Any]:
         if dtype == "uint8":
             consumers = {n.op_type for n in model.graph.node if name in n.input}
             if consumers != {"Cast"}:
-                problems.append(
-                    f"uint8 input {name!r} feeds {sorted(consumers)}; TensorRT needs it cast first"
-                )
+                problems.append(f"uint8 input {name!r} feeds {sorted(consumers)}; TensorRT needs it cast first")
     want = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs}
     if inputs != want:
         problems.append(f"inputs {inputs} differ from the manifest's {want}")
@@ -125,8 +123,12 @@ def _int8_onnx(onnx_path: Path, work_dir: Path, calibration: Path | None) -> Pat
             f"'nvidia-modelopt[onnx]') or build with precision='fp32'/'fp16' ({e})"
         ) from None
     out = work_dir / (onnx_path.stem + ".int8.qdq.onnx")
-    quantize(onnx_path=str(onnx_path), quantize_mode="int8", output_path=str(out),
-             calibration_data=None if calibration is None else str(calibration))
+    quantize(
+        onnx_path=str(onnx_path),
+        quantize_mode="int8",
+        output_path=str(out),
+        calibration_data=None if calibration is None else str(calibration),
+    )
     return out
 
 
@@ -170,14 +172,10 @@ def build_engine(
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name not in profile:
-            raise ExportError(
-                f"{source}: network input {tensor.name!r} has no shape in the manifest's profile"
-            )
+            raise ExportError(f"{source}: network input {tensor.name!r} has no shape in the manifest's profile")
         lo, opt, hi = profile[tensor.name]
         if tuple(tensor.shape) != tuple(opt):
-            raise ExportError(
-                f"{source}: input {tensor.name!r} is {tuple(tensor.shape)}, manifest says {tuple(opt)}"
-            )
+            raise ExportError(f"{source}: input {tensor.name!r} is {tuple(tensor.shape)}, manifest says {tuple(opt)}")
         opt_profile.set_shape(tensor.name, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
     serialized = builder.build_serialized_network(network, config)
@@ -216,7 +214,11 @@ def build_engines(
         check_onnx_for_tensorrt(onnx_path, spec)
         t0 = time.perf_counter()
         plan = build_engine(
-            onnx_path, root / "tensorrt" / f"{name}.plan", profiles[name], precision, workspace_bytes,
+            onnx_path,
+            root / "tensorrt" / f"{name}.plan",
+            profiles[name],
+            precision,
+            workspace_bytes,
             None if calibration is None else Path(calibration) / f"{name}.npz",
         )
         seconds[name] = time.perf_counter() - t0
@@ -241,23 +243,22 @@ def onnx_source(root: Path, manifest: dict[str, Any], graph: str) -> Path:
     if src is None:
         return root / entry["file"]
     if file_entry(root, root / src["file"]) != {k: src[k] for k in ("file", "sha256", "bytes")}:
-        raise ExportError(f"{root / src['file']}: fp32 source of the {graph!r} graph does not match its sha256 "
-                          "in the manifest; re-export the bundle")
+        raise ExportError(
+            f"{root / src['file']}: fp32 source of the {graph!r} graph does not match its sha256 "
+            "in the manifest; re-export the bundle"
+        )
     return root / src["file"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m par_deploy.export.tensorrt", description=build_engines.__doc__
-    )
+    p = argparse.ArgumentParser(prog="python -m par_deploy.export.tensorrt", description=build_engines.__doc__)
     p.add_argument("bundle")
     p.add_argument("--precision", choices=TRT_PRECISIONS, default=None)
     p.add_argument("--calibration", default=None, help="int8: directory of <graph>.npz input batches")
     p.add_argument("--workspace-gb", type=float, default=1.0)
     a = p.parse_args(argv)
     try:
-        build_engines(a.bundle, a.precision, int(a.workspace_gb * (1 << 30)), progress=True,
-                      calibration=a.calibration)
+        build_engines(a.bundle, a.precision, int(a.workspace_gb * (1 << 30)), progress=True, calibration=a.calibration)
     except ParError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -41,9 +41,7 @@ def export_torchscript(
             if freeze:
                 traced = torch.jit.freeze(traced.eval())
         except Exception as e:  # tracing raises many exception types; name the graph
-            raise ExportError(
-                f"TorchScript trace of graph {spec.name!r} failed: {type(e).__name__}: {e}"
-            ) from e
+            raise ExportError(f"TorchScript trace of graph {spec.name!r} failed: {type(e).__name__}: {e}") from e
         diff = _max_diff(traced(*check_args), module(*check_args))
     if not diff <= 1e-4:
         raise ExportError(

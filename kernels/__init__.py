@@ -10,6 +10,11 @@ from par_deploy.kernels.cache import write_block, write_block_reference
 from par_deploy.kernels.sampler import sampler_update, sampler_update_reference
 
 __all__ = [
-    "attention", "attention_reference", "cache_step_mask", "write_block", "write_block_reference",
-    "sampler_update", "sampler_update_reference",
+    "attention",
+    "attention_reference",
+    "cache_step_mask",
+    "write_block",
+    "write_block_reference",
+    "sampler_update",
+    "sampler_update_reference",
 ]

@@ -29,8 +29,14 @@ def sampler_update(
 
 
 def sampler_update_reference(
-    x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, kind: str, z: torch.Tensor,
-    is_last: bool, clip: float = 1.0,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: float,
+    a_prev: float,
+    kind: str,
+    z: torch.Tensor,
+    is_last: bool,
+    clip: float = 1.0,
 ) -> torch.Tensor:
     """The textbook formulas, written out, that ``sampler_update`` is tested against."""
     x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-clip, clip)

@@ -36,8 +36,13 @@ CHECKSUM_FILE, CHECKSUM_FORMAT = "checksums.json", "par-checksums"
 STORAGE_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def save_pretrained(model: PARModel, normalizer: Normalizer, path: str | Path,
-                    state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model: PARModel,
+    normalizer: Normalizer,
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a checkpoint directory. ``state_dict`` overrides the model's (e.g. EMA weights); ``dtype``
     (float16/bfloat16) stores the floating-point weights smaller; loading casts them back to float32."""
     path = Path(path)
@@ -159,15 +164,20 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def make_deployment_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
-                               frame_head: bool = False) -> Path:
+def make_deployment_checkpoint(
+    src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, frame_head: bool = False
+) -> Path:
     """A smaller copy of a checkpoint for shipping: weights stored in ``dtype`` and, unless ``frame_head``,
     without the frame de-tokenizer (actions need only the transformer and the Action-DiT; predicting frames
     and further training need the full checkpoint). Actions of the copy differ from the source only by the
     rounding of the weights to ``dtype``."""
     model, normalizer = from_pretrained(src)
-    extra = {**model.cfg.extra, "made_from": portable_path(src), "made_from_sha256": checkpoint_hash(src),
-             "weights_dtype": str(dtype).removeprefix("torch.")}
+    extra = {
+        **model.cfg.extra,
+        "made_from": portable_path(src),
+        "made_from_sha256": checkpoint_hash(src),
+        "weights_dtype": str(dtype).removeprefix("torch."),
+    }
     cfg = model.cfg.replace(frame_head=frame_head, extra=extra)
     slim = PARModel(cfg)
     sd = {k: v for k, v in model.state_dict().items() if k in slim.state_dict()}

@@ -18,8 +18,12 @@ import typer
 
 from par_deploy.errors import ConfigError, ParError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Train, export, benchmark and evaluate Physical Autoregressive Model (PAR) policies.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Train, export, benchmark and evaluate Physical Autoregressive Model (PAR) policies.",
+)
 _options = {"debug": False}
 
 
@@ -94,8 +98,15 @@ def demos(
     """
     from par_deploy.train.demos import generate_demos
 
-    summary = generate_demos(task, n, out or Path("data") / task, control_mode=control_mode,
-                             image_size=image_size, workers=workers, seed=seed)
+    summary = generate_demos(
+        task,
+        n,
+        out or Path("data") / task,
+        control_mode=control_mode,
+        image_size=image_size,
+        workers=workers,
+        seed=seed,
+    )
     typer.echo(str(summary))
 
 
@@ -113,10 +124,16 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
     limit_episodes: Annotated[int | None, typer.Option(help="Use only the first N episodes.")] = None,
     stop_at: Annotated[int | None, typer.Option(help="Stop (resumably) after this step.")] = None,
-    window: Annotated[int, typer.Option(help="Train on windows of N blocks cut anywhere in the episode and deploy "
-                                             "with a sliding cache of N blocks (0: whole episodes).")] = 0,
-    precision: Annotated[str, typer.Option(help="Forward-pass autocast: auto (bf16 where the CPU has native "
-                                                 "bf16), bf16 or fp32.")] = "auto",
+    window: Annotated[
+        int,
+        typer.Option(
+            help="Train on windows of N blocks cut anywhere in the episode and deploy "
+            "with a sliding cache of N blocks (0: whole episodes)."
+        ),
+    ] = 0,
+    precision: Annotated[
+        str, typer.Option(help="Forward-pass autocast: auto (bf16 where the CPU has native bf16), bf16 or fp32.")
+    ] = "auto",
     model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable.")] = [],  # noqa: B006
 ) -> None:
     """Train PAR with teacher forcing over whole episodes (or windows: --window). Under `torchrun`: DDP."""
@@ -124,9 +141,19 @@ def train(
     from par_deploy.train.trainer import train as run_train
 
     overrides = _model_overrides(model)
-    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, save_every=save_every,
-                     threads=threads, seed=seed, limit_episodes=limit_episodes, precision=precision, window=window,
-                     model_overrides=overrides)
+    tc = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        save_every=save_every,
+        threads=threads,
+        seed=seed,
+        limit_episodes=limit_episodes,
+        precision=precision,
+        window=window,
+        model_overrides=overrides,
+    )
     final = run_train(data, out, preset, tc, stop_at=stop_at)
     typer.echo(f"checkpoint: {final}" if final else f"stopped at step {stop_at}; run again to resume")
 
@@ -149,10 +176,16 @@ def _model_overrides(items: list[str]) -> dict:
 def init_checkpoint(
     from_nova: Annotated[Path, typer.Option(help="NOVA pipeline or transformer directory (or its .safetensors).")],
     out: Annotated[Path, typer.Option(help="PAR checkpoint directory to write.")],
-    preset: Annotated[str, typer.Option(help="PAR preset giving NOVA's architecture choices and PAR's additions.")]
-    = "paper",
-    model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable; "
-                                             "e.g. heads=N for a NOVA width outside NOVA's registry.")] = [],  # noqa: B006
+    preset: Annotated[
+        str, typer.Option(help="PAR preset giving NOVA's architecture choices and PAR's additions.")
+    ] = "paper",
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="Model config override KEY=VALUE (JSON value), repeatable; "
+            "e.g. heads=N for a NOVA width outside NOVA's registry."
+        ),
+    ] = [],  # noqa: B006
     seed: Annotated[int, typer.Option(help="Seed of PAR's newly initialised modules.")] = 0,
 ) -> None:
     """Write a PAR checkpoint initialised from a NOVA checkpoint; print what was loaded, what is new in PAR
@@ -204,9 +237,13 @@ def export(
     backend: Annotated[list[str], typer.Option(help="onnx, torchscript, tensorrt (repeatable).")] = ["onnx"],  # noqa: B006
     denoise_steps: Annotated[int, typer.Option(help="K: Action-DiT denoiser calls per chunk.")] = 4,
     sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
-    precision: Annotated[str, typer.Option(
-        help="fp32; int8 (ONNX Runtime: int8 transformer-step weights, VNNI); fp16 (TensorRT only); bf16 "
-             "(refused with the reason while ONNX Runtime's CPU provider lacks bf16 kernels).")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32; int8 (ONNX Runtime: int8 transformer-step weights, VNNI); fp16 (TensorRT only); bf16 "
+            "(refused with the reason while ONNX Runtime's CPU provider lacks bf16 kernels)."
+        ),
+    ] = "fp32",
     sampler_graph: Annotated[str, typer.Option(help="auto, unrolled (K steps in one graph) or loop.")] = "auto",
     onnx_exporter: Annotated[str, typer.Option(help="dynamo or legacy torch.onnx exporter.")] = "dynamo",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle in OUT.")] = False,
@@ -218,9 +255,17 @@ def export(
     """
     from par_deploy.export import export_bundle
 
-    report = export_bundle(checkpoint, out, backends=tuple(backend), denoise_steps=denoise_steps,
-                           sampler=sampler, precision=precision, sampler_graph=sampler_graph,
-                           onnx_exporter=onnx_exporter, overwrite=overwrite)
+    report = export_bundle(
+        checkpoint,
+        out,
+        backends=tuple(backend),
+        denoise_steps=denoise_steps,
+        sampler=sampler,
+        precision=precision,
+        sampler_graph=sampler_graph,
+        onnx_exporter=onnx_exporter,
+        overwrite=overwrite,
+    )
     typer.echo(report.summary())
     if report_json:
         report_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -228,11 +273,16 @@ def export(
 
 @command()
 def bench(
-    engine: Annotated[Path | None, typer.Option(
-        help="Bundle directory (default: the task's shipped checkpoint, exported once into bundles/<task>).")] = None,
+    engine: Annotated[
+        Path | None,
+        typer.Option(
+            help="Bundle directory (default: the task's shipped checkpoint, exported once into bundles/<task>)."
+        ),
+    ] = None,
     task: Annotated[str, typer.Option(help="Without --engine: the task whose checkpoint is measured.")] = "PushCube",
-    reference: Annotated[Path | None, typer.Option(
-        help="Checkpoint of the PyTorch reference (default: the bundle's source checkpoint).")] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Checkpoint of the PyTorch reference (default: the bundle's source checkpoint).")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the scaling curves as PNG.")] = None,
 ) -> None:
@@ -264,8 +314,9 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
-        run_server(bundle, host=host, port=port, backend=backend, threads=threads, pool_size=pool,
-                   max_clients=max_clients)
+        run_server(
+            bundle, host=host, port=port, backend=backend, threads=threads, pool_size=pool, max_clients=max_clients
+        )
     except OSError as e:  # a port in use or not ours: a user error like a bad bundle (ParError, the wrapper's)
         raise ConfigError(f"cannot listen on {host}:{port} ({e}); choose another --host/--port") from None
 
@@ -274,45 +325,79 @@ def serve(
 def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Checkpoint (PyTorch reference); with --compare: the engine's reference. Without --engine and "
-             "--checkpoint: the task's shipped checkpoint through its engine (exported into bundles/<task>).")
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint (PyTorch reference); with --compare: the engine's reference. Without --engine and "
+            "--checkpoint: the task's shipped checkpoint through its engine (exported into bundles/<task>)."
+        ),
     ] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: onnx, torchscript, tensorrt.")] = "onnx",
     sampler: Annotated[str | None, typer.Option(help="Checkpoint only: ddim or ddpm (default: its own).")] = None,
     steps: Annotated[int | None, typer.Option(help="Checkpoint only: denoising steps K.")] = None,
-    states: Annotated[int | None, typer.Option(
-        help="Initial states i = 0 .. N-1 (the environment reset with seed SEED_BASE + i); each runs with every "
-             "policy seed, so episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
-             "--states 125 --seeds 0.")] = None,
-    seeds: Annotated[str, typer.Option(
-        help="Policy (noise) seeds as a list, e.g. 0-4, 0,1,2 or 0 (one seed).")] = "0-4",
+    states: Annotated[
+        int | None,
+        typer.Option(
+            help="Initial states i = 0 .. N-1 (the environment reset with seed SEED_BASE + i); each runs with every "
+            "policy seed, so episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
+            "--states 125 --seeds 0."
+        ),
+    ] = None,
+    seeds: Annotated[
+        str, typer.Option(help="Policy (noise) seeds as a list, e.g. 0-4, 0,1,2 or 0 (one seed).")
+    ] = "0-4",
     seed_base: Annotated[int, typer.Option(help="Initial state i is reset with seed SEED_BASE + i.")] = 500_000,
-    episodes: Annotated[int | None, typer.Option(
-        help="Run only the first N episodes of states x seeds (state-major order).")] = None,
+    episodes: Annotated[
+        int | None, typer.Option(help="Run only the first N episodes of states x seeds (state-major order).")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Simulator processes, one core each (0: in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Compute threads per worker.")] = 1,
     video: Annotated[Path | None, typer.Option(help="Write every episode as MP4 into this directory.")] = None,
-    json_out: Annotated[Path | None, typer.Option(
-        "--json", help="Results JSON, written after every episode; running again resumes it.")] = None,
-    compare: Annotated[bool, typer.Option(
-        help="Also run the reference (the bundle's source checkpoint or --checkpoint) and compare.")] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Results JSON, written after every episode; running again resumes it.")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option(help="Also run the reference (the bundle's source checkpoint or --checkpoint) and compare.")
+    ] = False,
     max_steps: Annotated[int | None, typer.Option(help="Episode limit in env steps (default: the task's).")] = None,
     control_mode: Annotated[str | None, typer.Option(help="Default: the checkpoint's training control mode.")] = None,
-    stop_on_success: Annotated[bool, typer.Option(
-        help="End an episode at its first success (faster; no success_at_end).")] = False,
+    stop_on_success: Annotated[
+        bool, typer.Option(help="End an episode at its first success (faster; no success_at_end).")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
-    server: Annotated[str | None, typer.Option(
-        help="Evaluate the policy served at this URL (`par-deploy serve`, e.g. ws://127.0.0.1:8000; start it with "
-             "--max-clients >= --workers).")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate the policy served at this URL (`par-deploy serve`, e.g. ws://127.0.0.1:8000; start it with "
+            "--max-clients >= --workers)."
+        ),
+    ] = None,
 ) -> None:
     """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
     from par_deploy.eval import run_eval
 
-    run_eval(task, engine, checkpoint, backend=backend, sampler=sampler, steps=steps, episodes=episodes,
-             states=states, seeds=seeds, seed_base=seed_base, workers=workers, threads=threads, json_path=json_out,
-             video_dir=video, compare=compare, max_steps=max_steps, control_mode=control_mode,
-             stop_on_success=stop_on_success, timeout=timeout, server=server)
+    run_eval(
+        task,
+        engine,
+        checkpoint,
+        backend=backend,
+        sampler=sampler,
+        steps=steps,
+        episodes=episodes,
+        states=states,
+        seeds=seeds,
+        seed_base=seed_base,
+        workers=workers,
+        threads=threads,
+        json_path=json_out,
+        video_dir=video,
+        compare=compare,
+        max_steps=max_steps,
+        control_mode=control_mode,
+        stop_on_success=stop_on_success,
+        timeout=timeout,
+        server=server,
+    )
 
 
 def main() -> None:

@@ -46,15 +46,16 @@ class RemotePolicy:
         self.url, self.timeout = url, timeout
         self._lock = threading.Lock()
         try:
-            self._ws = connect(url, compression=None, max_size=MAX_REPLY_BYTES, open_timeout=timeout,
-                               proxy=None)
+            self._ws = connect(url, compression=None, max_size=MAX_REPLY_BYTES, open_timeout=timeout, proxy=None)
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
             raise ServerUnavailable(f"cannot connect to the policy server at {url} ({e})") from None
         hello = self._receive()
         if hello.get("type") != "hello" or hello.get("protocol") != protocol.PROTOCOL_VERSION:
             self.close()
-            raise ProtocolError(f"{url}: expected a protocol {protocol.PROTOCOL_VERSION} hello, got "
-                                f"type {hello.get('type')!r} protocol {hello.get('protocol')!r}")
+            raise ProtocolError(
+                f"{url}: expected a protocol {protocol.PROTOCOL_VERSION} hello, got "
+                f"type {hello.get('type')!r} protocol {hello.get('protocol')!r}"
+            )
         self.info: dict[str, Any] = hello  # backend, bundle_hash, denoise_steps, noise_shape, ...
         self.spec: PolicySpec = protocol.spec_from_dict(hello.get("spec"))
         self._max_message = int(hello.get("max_message_bytes", 0))
@@ -72,8 +73,9 @@ class RemotePolicy:
         L, A = self.spec.chunk_len, self.spec.action_dim
         actions = protocol.decode_array(reply.get("actions"), "actions", 8 * L * A)
         if actions.shape != (L, A) or actions.dtype != np.float32 or not np.isfinite(actions).all():
-            raise ProtocolError(f"server returned actions {actions.dtype} {actions.shape}, expected finite "
-                                f"float32 {(L, A)}")
+            raise ProtocolError(
+                f"server returned actions {actions.dtype} {actions.shape}, expected finite float32 {(L, A)}"
+            )
         return actions
 
     @property

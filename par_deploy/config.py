@@ -26,18 +26,58 @@ CONFIG_TYPE = "par"
 # FORMAT_1_IMPLIED, the values format 1 implied, frozen here so later default changes cannot alter them.
 CONFIG_FORMAT_VERSION = 2
 FORMAT_1_IMPLIED: dict[str, Any] = {
-    "image_size": 64, "num_cameras": 1, "action_dim": 4, "state_dim": 0, "chunk_len": 8, "max_blocks": 32,
-    "instructions": ["push the cube to the goal region"], "num_text_tokens": 4, "text_encoder_path": None,
-    "text_encoder_dim": 0, "codec": "patch", "patch_size": 16, "target_pool": 2, "frame_embed": "linear",
-    "vae_path": None, "vae_latent_channels": 4, "vae_downsample": 8, "dim": 256, "depth": 6, "heads": 4,
-    "mlp_ratio": 4.0, "rope_theta_frame": 100.0, "rope_theta_action": 10000.0, "spatial_depth": 2,
-    "frame_head_width": 384, "frame_head_depth": 2, "frame_mask_min": 0.7, "frame_decode_sets": 4,
-    "frame_head": True, "dit_dim": 256, "dit_depth": 3, "dit_heads": 4, "action_tokenizer_hidden": 256,
-    "train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2", "diffusion_batch_mul": 4, "sampler": "ddim",
-    "sample_steps": 10, "frame_loss_weight": 1.0, "action_loss_weight": 1.0, "variant": "full", "extra": {},
+    "image_size": 64,
+    "num_cameras": 1,
+    "action_dim": 4,
+    "state_dim": 0,
+    "chunk_len": 8,
+    "max_blocks": 32,
+    "instructions": ["push the cube to the goal region"],
+    "num_text_tokens": 4,
+    "text_encoder_path": None,
+    "text_encoder_dim": 0,
+    "codec": "patch",
+    "patch_size": 16,
+    "target_pool": 2,
+    "frame_embed": "linear",
+    "vae_path": None,
+    "vae_latent_channels": 4,
+    "vae_downsample": 8,
+    "dim": 256,
+    "depth": 6,
+    "heads": 4,
+    "mlp_ratio": 4.0,
+    "rope_theta_frame": 100.0,
+    "rope_theta_action": 10000.0,
+    "spatial_depth": 2,
+    "frame_head_width": 384,
+    "frame_head_depth": 2,
+    "frame_mask_min": 0.7,
+    "frame_decode_sets": 4,
+    "frame_head": True,
+    "dit_dim": 256,
+    "dit_depth": 3,
+    "dit_heads": 4,
+    "action_tokenizer_hidden": 256,
+    "train_timesteps": 100,
+    "beta_schedule": "squaredcos_cap_v2",
+    "diffusion_batch_mul": 4,
+    "sampler": "ddim",
+    "sample_steps": 10,
+    "frame_loss_weight": 1.0,
+    "action_loss_weight": 1.0,
+    "variant": "full",
+    "extra": {},
     # fields added with format 2: the behaviour every format-1 checkpoint was trained with
-    "overflow": "error", "block_norm": "pre", "activation": "gelu_tanh", "text_attention": "causal",
-    "text_embed": "linear", "video_patch_size": 0, "pos_embed": "learned", "spatial_cond": "add", "frame_mlp": "mar",
+    "overflow": "error",
+    "block_norm": "pre",
+    "activation": "gelu_tanh",
+    "text_attention": "causal",
+    "text_embed": "linear",
+    "video_patch_size": 0,
+    "pos_embed": "learned",
+    "spatial_cond": "add",
+    "frame_mlp": "mar",
 }
 IMPLIED_BY_FORMAT: dict[int, dict[str, Any]] = {1: FORMAT_1_IMPLIED}  # older format -> values it implied
 
@@ -135,11 +175,28 @@ class PARConfig:
     def __post_init__(self) -> None:
         self.instructions = tuple(self.instructions)
         positive = [
-            "image_size", "num_cameras", "action_dim", "chunk_len", "max_blocks", "num_text_tokens",
-            "patch_size", "target_pool", "dim", "depth", "heads", "spatial_depth", "frame_head_width",
+            "image_size",
+            "num_cameras",
+            "action_dim",
+            "chunk_len",
+            "max_blocks",
+            "num_text_tokens",
+            "patch_size",
+            "target_pool",
+            "dim",
+            "depth",
+            "heads",
+            "spatial_depth",
+            "frame_head_width",
             "frame_head_depth",
-            "frame_decode_sets", "dit_dim", "dit_depth", "dit_heads", "action_tokenizer_hidden",
-            "train_timesteps", "diffusion_batch_mul", "sample_steps",
+            "frame_decode_sets",
+            "dit_dim",
+            "dit_depth",
+            "dit_heads",
+            "action_tokenizer_hidden",
+            "train_timesteps",
+            "diffusion_batch_mul",
+            "sample_steps",
         ]
         for name in positive:
             value = getattr(self, name)
@@ -149,12 +206,21 @@ class PARConfig:
             raise ConfigError(f"config.state_dim must be >= 0, got {self.state_dim}")
         if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
             raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
-        for name, allowed in (("variant", VARIANTS), ("codec", CODECS), ("sampler", SAMPLERS),
-                              ("frame_embed", FRAME_EMBEDS), ("beta_schedule", BETA_SCHEDULES),
-                              ("block_norm", BLOCK_NORMS), ("activation", ACTIVATIONS),
-                              ("text_attention", TEXT_ATTENTIONS), ("text_embed", TEXT_EMBEDS),
-                              ("pos_embed", POS_EMBEDS), ("spatial_cond", SPATIAL_CONDS), ("frame_mlp", FRAME_MLPS),
-                              ("overflow", OVERFLOWS)):
+        for name, allowed in (
+            ("variant", VARIANTS),
+            ("codec", CODECS),
+            ("sampler", SAMPLERS),
+            ("frame_embed", FRAME_EMBEDS),
+            ("beta_schedule", BETA_SCHEDULES),
+            ("block_norm", BLOCK_NORMS),
+            ("activation", ACTIVATIONS),
+            ("text_attention", TEXT_ATTENTIONS),
+            ("text_embed", TEXT_EMBEDS),
+            ("pos_embed", POS_EMBEDS),
+            ("spatial_cond", SPATIAL_CONDS),
+            ("frame_mlp", FRAME_MLPS),
+            ("overflow", OVERFLOWS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
@@ -186,11 +252,15 @@ class PARConfig:
         if not isinstance(self.video_patch_size, int) or self.video_patch_size < 0:
             raise ConfigError(f"config.video_patch_size must be >= 0, got {self.video_patch_size!r}")
         if self.latent_size % self.video_patch:
-            raise ConfigError(f"config.video_patch_size={self.video_patch} must divide the {self.codec} codec's "
-                              f"spatial size {self.latent_size}")
+            raise ConfigError(
+                f"config.video_patch_size={self.video_patch} must divide the {self.codec} codec's "
+                f"spatial size {self.latent_size}"
+            )
         if self.video_patch != self.patch_size and (self.spatial_cond != "prepend" or self.target_pool != 1):
-            raise ConfigError("a video_patch_size other than patch_size needs spatial_cond 'prepend' and "
-                              "target_pool 1 (the condition and the predicted tokens are then different grids)")
+            raise ConfigError(
+                "a video_patch_size other than patch_size needs spatial_cond 'prepend' and "
+                "target_pool 1 (the condition and the predicted tokens are then different grids)"
+            )
         if self.video_patch != self.patch_size and self.frame_embed != "linear":
             raise ConfigError("config.frame_embed 'conv' works on the patch_size grid: leave video_patch_size 0")
         if self.text_embed == "nova" and not self.text_encoder_path:
@@ -269,8 +339,10 @@ class PARConfig:
         if kind != CONFIG_TYPE:
             raise ConfigError(f"{source}: expected type {CONFIG_TYPE!r}, found {kind!r}")
         if version is None:
-            raise ConfigError(f"{source}: no format_version; a config written by par-deploy has one "
-                              f"(current: {CONFIG_FORMAT_VERSION}): restore it, or re-save the config")
+            raise ConfigError(
+                f"{source}: no format_version; a config written by par-deploy has one "
+                f"(current: {CONFIG_FORMAT_VERSION}): restore it, or re-save the config"
+            )
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigError(f"{source}: invalid format_version {version!r} (expected an integer >= 1)")
         if version > CONFIG_FORMAT_VERSION:
@@ -314,11 +386,27 @@ class PARConfig:
 
 def _tiny() -> PARConfig:
     return PARConfig(
-        image_size=16, patch_size=8, target_pool=2, action_dim=4, state_dim=3, chunk_len=4, max_blocks=8,
+        image_size=16,
+        patch_size=8,
+        target_pool=2,
+        action_dim=4,
+        state_dim=3,
+        chunk_len=4,
+        max_blocks=8,
         num_text_tokens=2,
-        dim=32, depth=2, heads=2, spatial_depth=1, frame_head_width=64, frame_head_depth=1,
-        dit_dim=32, dit_depth=1, dit_heads=2, action_tokenizer_hidden=32, train_timesteps=50,
-        sample_steps=4, frame_decode_sets=2,
+        dim=32,
+        depth=2,
+        heads=2,
+        spatial_depth=1,
+        frame_head_width=64,
+        frame_head_depth=1,
+        dit_dim=32,
+        dit_depth=1,
+        dit_heads=2,
+        action_tokenizer_hidden=32,
+        train_timesteps=50,
+        sample_steps=4,
+        frame_decode_sets=2,
     )
 
 
@@ -331,14 +419,40 @@ def _paper() -> PARConfig:
     # features (2560-d), with NOVA's blocks (par_deploy/nova.py loads NOVA's weights into it).
     # Point vae_path / text_encoder_path at local copies of those weights to build it for real.
     return PARConfig(
-        block_norm="post", activation="gelu", text_attention="first_frame", text_embed="nova", video_patch_size=4,
-        pos_embed="sincos", spatial_cond="prepend", frame_mlp="nova",
-        vae_path=None, text_encoder_path="phi-2", text_encoder_dim=2560,
-        image_size=256, codec="vae", vae_latent_channels=4, vae_downsample=8, patch_size=2, target_pool=1,
-        action_dim=7, state_dim=9, chunk_len=16, max_blocks=16, num_text_tokens=256,
-        dim=1024, depth=16, heads=16, spatial_depth=32, frame_head_width=1280, frame_head_depth=3,
-        dit_dim=512, dit_depth=3, dit_heads=8, action_tokenizer_hidden=576,
-        train_timesteps=1000, sample_steps=100,
+        block_norm="post",
+        activation="gelu",
+        text_attention="first_frame",
+        text_embed="nova",
+        video_patch_size=4,
+        pos_embed="sincos",
+        spatial_cond="prepend",
+        frame_mlp="nova",
+        vae_path=None,
+        text_encoder_path="phi-2",
+        text_encoder_dim=2560,
+        image_size=256,
+        codec="vae",
+        vae_latent_channels=4,
+        vae_downsample=8,
+        patch_size=2,
+        target_pool=1,
+        action_dim=7,
+        state_dim=9,
+        chunk_len=16,
+        max_blocks=16,
+        num_text_tokens=256,
+        dim=1024,
+        depth=16,
+        heads=16,
+        spatial_depth=32,
+        frame_head_width=1280,
+        frame_head_depth=3,
+        dit_dim=512,
+        dit_depth=3,
+        dit_heads=8,
+        action_tokenizer_hidden=576,
+        train_timesteps=1000,
+        sample_steps=100,
     )
 
 

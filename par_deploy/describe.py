@@ -14,8 +14,13 @@ from par_deploy.locate import shipped_checkpoint_path
 from par_deploy.model.par import PARModel
 
 SHIPPED_CHECKPOINT = shipped_checkpoint_path("PushCube")
-PAPER_TABLE_1_M = {"causal_transformer": 608.7, "frame_detokenizer": 32.8, "action_detokenizer": 21.1,
-                   "action_tokenizer": 0.6, "total": 663.2}
+PAPER_TABLE_1_M = {
+    "causal_transformer": 608.7,
+    "frame_detokenizer": 32.8,
+    "action_detokenizer": 21.1,
+    "action_tokenizer": 0.6,
+    "total": 663.2,
+}
 
 
 def describe(preset: str = "cpu-small", checkpoint: Path | None = None, console: Console | None = None) -> dict:
@@ -83,8 +88,13 @@ def _demo_env(task: str, policy, console: Console):
         return RandomObservationEnv(s, policy.normalizer), "random observations"
 
 
-def run_demo(task: str = "PushCube", checkpoint: Path | None = None, steps: int = 0, seed: int = 0,
-             console: Console | None = None) -> dict:
+def run_demo(
+    task: str = "PushCube",
+    checkpoint: Path | None = None,
+    steps: int = 0,
+    seed: int = 0,
+    console: Console | None = None,
+) -> dict:
     """The main job: checkpoint -> ONNX engine -> the torch-free runtime drives one episode.
 
     The checkpoint defaults to ``task``'s shipped one; its bundle is ``bundles/<task>`` (``par_deploy.locate``).
@@ -100,31 +110,50 @@ def run_demo(task: str = "PushCube", checkpoint: Path | None = None, steps: int 
 
     torch.set_num_threads(free_cores())  # for an export
     console = console or Console()
-    resolved = task_bundle(task, console) if checkpoint is None else ensure_bundle(
-        checkpoint, BUNDLES_ROOT / Path(checkpoint).name, console)
+    resolved = (
+        task_bundle(task, console)
+        if checkpoint is None
+        else ensure_bundle(checkpoint, BUNDLES_ROOT / Path(checkpoint).name, console)
+    )
     console.print(resolved.describe())
     policy = runtime.load(resolved.bundle, "onnx", seed=seed)
     task = policy.bundle.config.extra.get("task", task)
     env, source = _demo_env(task, policy, console)
     instruction = TASKS[task].instruction if task in TASKS else policy.spec.instructions[0]
-    episode = Episode(policy, env, instruction=instruction, env_seed=EVAL_SEED_BASE + seed, policy_seed=seed,
-                      max_steps=env.max_episode_steps, stop_on_success=True)
+    episode = Episode(
+        policy,
+        env,
+        instruction=instruction,
+        env_seed=EVAL_SEED_BASE + seed,
+        policy_seed=seed,
+        max_steps=env.max_episode_steps,
+        stop_on_success=True,
+    )
     try:
         for step in episode:
             first = [round(float(x), 3) for x in step.chunk[0]]
-            console.print(f"step {step.index}: chunk {step.chunk.shape}, first action {first}, "
-                          f"{step.act_ms:.1f} ms, success {step.success}")
+            console.print(
+                f"step {step.index}: chunk {step.chunk.shape}, first action {first}, "
+                f"{step.act_ms:.1f} ms, success {step.success}"
+            )
             if steps and step.index + 1 >= steps:
                 break
     finally:
         env.close()
     if episode.error:
         console.print(f"[yellow]episode ended: {episode.error}[/]")
-    summary = {"source": f"{source}, initial state seed {EVAL_SEED_BASE + seed}", "control_steps": len(episode.act_ms),
-               "env_steps": episode.length, "success": episode.success_once,
-               "act_ms_p50": float(np.median(episode.act_ms)) if episode.act_ms else None, "backend": "onnx",
-               "denoise_steps": policy.denoise_steps}
+    summary = {
+        "source": f"{source}, initial state seed {EVAL_SEED_BASE + seed}",
+        "control_steps": len(episode.act_ms),
+        "env_steps": episode.length,
+        "success": episode.success_once,
+        "act_ms_p50": float(np.median(episode.act_ms)) if episode.act_ms else None,
+        "backend": "onnx",
+        "denoise_steps": policy.denoise_steps,
+    }
     p50 = "-" if summary["act_ms_p50"] is None else f"{summary['act_ms_p50']:.1f}"
-    console.print(f"[bold]{summary['source']}: {summary['control_steps']} control steps ({episode.length} env "
-                  f"steps), success {episode.success_once}; engine act() p50 {p50} ms on ONNX Runtime[/]")
+    console.print(
+        f"[bold]{summary['source']}: {summary['control_steps']} control steps ({episode.length} env "
+        f"steps), success {episode.success_once}; engine act() p50 {p50} ms on ONNX Runtime[/]"
+    )
     return summary

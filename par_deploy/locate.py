@@ -64,7 +64,8 @@ def shipped_checkpoint(task: str) -> Path:
     raise NotFound(
         f"no shipped checkpoint for {task} ({portable_path(path)}); tasks with one: {have}. Train one: "
         f"par-deploy demos --task {task} -n 120 && par-deploy train data/{task} --out runs/{low} --preset "
-        f"{SHIPPED_PRESET}, then pass --checkpoint runs/{low}/final (or --engine after par-deploy export)")
+        f"{SHIPPED_PRESET}, then pass --checkpoint runs/{low}/final (or --engine after par-deploy export)"
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,10 @@ def ensure_bundle(checkpoint: str | os.PathLike, bundle: str | os.PathLike, cons
     report = export_bundle(checkpoint, bundle, progress=False, overwrite=True, **AUTO_EXPORT)
     if console is not None:
         parity = report.parity["onnx"]
-        console.print(f"export {report.seconds['total']:.1f} s; parity vs PyTorch: actions "
-                      f"{parity['actions_max_abs']:.1e}, hidden {parity['hidden_max_abs']:.1e}")
+        console.print(
+            f"export {report.seconds['total']:.1f} s; parity vs PyTorch: actions "
+            f"{parity['actions_max_abs']:.1e}, hidden {parity['hidden_max_abs']:.1e}"
+        )
     return ResolvedBundle(checkpoint, bundle, exported=True)
 
 
@@ -118,6 +121,8 @@ def source_checkpoint(bundle: str | os.PathLike, manifest: dict[str, Any] | None
     candidates = [] if not src else [Path(src), bundle / src, bundle.parent / src]
     found = next((c for c in candidates if (c / "config.json").is_file()), None)
     if found is None:
-        raise NotFound(f"{bundle}: the manifest's source checkpoint {src!r} is not found here; pass the checkpoint "
-                       "(--checkpoint for eval, --reference for bench)")
+        raise NotFound(
+            f"{bundle}: the manifest's source checkpoint {src!r} is not found here; pass the checkpoint "
+            "(--checkpoint for eval, --reference for bench)"
+        )
     return found

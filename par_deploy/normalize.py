@@ -81,8 +81,11 @@ class Normalizer:
         return (self.state_mean + self.state_std * rng.standard_normal(self.state_dim)).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": 1, **{k: getattr(self, k).tolist() for k in
-                ("action_min", "action_max", "state_mean", "state_std")}}
+        return {
+            "format": FORMAT,
+            "version": 1,
+            **{k: getattr(self, k).tolist() for k in ("action_min", "action_max", "state_mean", "state_std")},
+        }
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "normalization") -> Normalizer:

@@ -38,8 +38,9 @@ def _head_rows(t: torch.Tensor, cfg: PARConfig) -> torch.Tensor:
     """NOVA's diffusion head predicts a token in its patchify order ``(p, p, C)``; PAR's tokens are ``(C, p, p)``."""
     p, C = cfg.patch_size, cfg.latent_channels
     if t.shape[0] != p * p * C:
-        raise CheckpointError(f"NOVA diffusion head has {t.shape[0]} outputs; PAR expects {p}*{p}*{C} (patch_size, "
-                              "latent channels)")
+        raise CheckpointError(
+            f"NOVA diffusion head has {t.shape[0]} outputs; PAR expects {p}*{p}*{C} (patch_size, latent channels)"
+        )
     return t.reshape(p, p, C, *t.shape[1:]).movedim(2, 0).reshape(t.shape)
 
 
@@ -70,12 +71,20 @@ _RULES: list[tuple[str, str, Transform | None]] = [
 ]
 
 IGNORED: list[tuple[str, str]] = [
-    (r"mask_embed\.bos_token", "NOVA's begin-of-video token stands in for the unseen first frame of text-to-video "
-     "generation; PAR's block 0 holds the real first observation O_0"),
-    (r"video_pos_embed\.(time_proj\.\d|norm)\.(weight|bias)", "NOVA's absolute time embedding; PAR encodes time "
-     "with RoPE over the block index (paper §5.1), for frame and action tokens"),
-    (r"motion_embed\..+", "NOVA's motion-flow and fps condition tokens of text-to-video sampling; PAR's prefix "
-     "is the instruction only"),
+    (
+        r"mask_embed\.bos_token",
+        "NOVA's begin-of-video token stands in for the unseen first frame of text-to-video "
+        "generation; PAR's block 0 holds the real first observation O_0",
+    ),
+    (
+        r"video_pos_embed\.(time_proj\.\d|norm)\.(weight|bias)",
+        "NOVA's absolute time embedding; PAR encodes time "
+        "with RoPE over the block index (paper §5.1), for frame and action tokens",
+    ),
+    (
+        r"motion_embed\..+",
+        "NOVA's motion-flow and fps condition tokens of text-to-video sampling; PAR's prefix is the instruction only",
+    ),
     (r"label_embed\..+", "class-label conditioning of NOVA's class-to-image models; PAR conditions on text"),
 ]
 
@@ -139,11 +148,15 @@ def read_nova_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def check_nova_config(nova: dict) -> None:
     """Refuse the NOVA variants PAR does not replicate, instead of loading them into different computations."""
     if nova.get("video_mixer_rank"):
-        raise CheckpointError("this NOVA model has a video mixer (video_mixer_rank set): PAR's paper preset does not "
-                              "implement it; its weights would be dropped and the function change")
+        raise CheckpointError(
+            "this NOVA model has a video mixer (video_mixer_rank set): PAR's paper preset does not "
+            "implement it; its weights would be dropped and the function change"
+        )
     if nova.get("rotary_pos_embed"):
-        raise CheckpointError("this NOVA model uses 3-D rotary positions (rotary_pos_embed): PAR's paper preset "
-                              "replicates NOVA's sin-cos position variant")
+        raise CheckpointError(
+            "this NOVA model uses 3-D rotary positions (rotary_pos_embed): PAR's paper preset "
+            "replicates NOVA's sin-cos position variant"
+        )
 
 
 def _convert(key: str, tensor: torch.Tensor, own: dict[str, torch.Tensor], cfg: PARConfig) -> tuple[str, torch.Tensor]:
@@ -185,12 +198,16 @@ def load_nova_weights(model: PARModel, nova: dict[str, torch.Tensor] | str | Pat
             target, updates[target] = _convert(key, tensor, own, model.cfg)
             report.loaded.append((key, target))
     if unknown:
-        raise CheckpointError(f"NOVA keys PAR neither loads nor knows a reason to ignore: {unknown[:8]}"
-                              f"{' ...' if len(unknown) > 8 else ''}; is this a NOVA transformer checkpoint?")
+        raise CheckpointError(
+            f"NOVA keys PAR neither loads nor knows a reason to ignore: {unknown[:8]}"
+            f"{' ...' if len(unknown) > 8 else ''}; is this a NOVA transformer checkpoint?"
+        )
     unfilled = sorted(k for k in own if k.startswith(NOVA_PARTS) and k not in updates)
     if unfilled:
-        raise CheckpointError(f"the NOVA checkpoint does not fill these NOVA parts of the PAR model: {unfilled[:8]}"
-                              f"{' ...' if len(unfilled) > 8 else ''}")
+        raise CheckpointError(
+            f"the NOVA checkpoint does not fill these NOVA parts of the PAR model: {unfilled[:8]}"
+            f"{' ...' if len(unfilled) > 8 else ''}"
+        )
     model.load_state_dict(updates, strict=False)
     report.new = sorted(set(own) - set(updates))
     return report
@@ -218,9 +235,17 @@ def nova_config_overrides(nova: dict) -> dict:
     if dim != spatial_dim:
         raise ConfigError(f"NOVA video encoder width {dim} != image encoder width {spatial_dim}; PAR shares one width")
     patch = 15 // nova["image_stride"] + 1  # NOVATransformer3DModel's image patch size
-    out = dict(dim=dim, depth=depth, spatial_depth=spatial_depth, frame_head_depth=mlp_depth,
-               frame_head_width=mlp_width, vae_latent_channels=nova["image_dim"], vae_downsample=nova["image_stride"],
-               patch_size=patch, video_patch_size=2 * patch)
+    out = dict(
+        dim=dim,
+        depth=depth,
+        spatial_depth=spatial_depth,
+        frame_head_depth=mlp_depth,
+        frame_head_width=mlp_width,
+        vae_latent_channels=nova["image_dim"],
+        vae_downsample=nova["image_stride"],
+        patch_size=patch,
+        video_patch_size=2 * patch,
+    )
     if dim in NOVA_HEADS:
         out["heads"] = NOVA_HEADS[dim]
     if nova.get("text_token_dim"):
@@ -238,8 +263,9 @@ def nova_par_config(path: str | Path, preset_name: str = "paper", **overrides) -
     return preset(preset_name, **{**nova_config_overrides(nova), **overrides})
 
 
-def init_from_nova(path: str | Path, out: str | Path, preset_name: str = "paper", seed: int = 0,
-                   **overrides) -> NovaLoadReport:
+def init_from_nova(
+    path: str | Path, out: str | Path, preset_name: str = "paper", seed: int = 0, **overrides
+) -> NovaLoadReport:
     """Write a PAR checkpoint at ``out`` whose NOVA parts come from the NOVA checkpoint at ``path`` and whose
     additions (state/action tokenizers, BOA, Action-DiT) are freshly initialised (seed ``seed``). The frozen
     VAE and text encoder are not part of a PAR checkpoint (the config names their paths)."""

@@ -16,8 +16,15 @@ from par_deploy.runtime.policy import Policy, PolicySpec
 class TorchPolicy(Policy):
     """Eager PyTorch with a static KV-cache. ``sampler``/``steps`` default to the checkpoint's own."""
 
-    def __init__(self, model: PARModel, normalizer: Normalizer, sampler: str | None = None,
-                 steps: int | None = None, seed: int = 0, use_cache: bool = True):
+    def __init__(
+        self,
+        model: PARModel,
+        normalizer: Normalizer,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+    ):
         super().__init__(PolicySpec.from_config(model.cfg), normalizer, seed)
         self.model = model.eval()
         self.schedule = model.sampler(sampler, steps)
@@ -55,7 +62,9 @@ class TorchPolicy(Policy):
         """
         m = self.model
         x = m.embed_block(
-            torch.from_numpy(rgb)[None], torch.from_numpy(state)[None], torch.from_numpy(prev_chunk)[None],
+            torch.from_numpy(rgb)[None],
+            torch.from_numpy(state)[None],
+            torch.from_numpy(prev_chunk)[None],
             torch.tensor([first]),
         )  # [1, Bl, D]
         if self.use_cache:
@@ -95,9 +104,9 @@ class TorchPolicy(Policy):
         h_frames = self.model.split_block(self._hidden)[0]
         return self.model.predict_frame(h_frames, self.model.sampler("ddim", steps), noise.float())[0].numpy()
 
-    def block_hidden(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool,
-                     pos: int) -> torch.Tensor:
+    def block_hidden(
+        self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, pos: int
+    ) -> torch.Tensor:
         """``step_block`` returning the block's hidden states ``[1, Bl, D]``."""
         self.step_block(rgb, state, prev_chunk, first, pos)
         return self._hidden
-

@@ -16,8 +16,9 @@ from par_deploy.reference import TorchPolicy
 
 
 @torch.no_grad()
-def predict_episode_frames(policy: TorchPolicy, episode: dict, steps: int = 10, seed: int = 0
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def predict_episode_frames(
+    policy: TorchPolicy, episode: dict, steps: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns real and predicted frames, uint8 ``[N, V, H, W, 3]`` each (the predicted pooled frames are
     shown at full size)."""
     from par_deploy.train.dataset import Episode, episode_blocks
@@ -47,8 +48,9 @@ def frame_grid(real: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def render_predictions(checkpoint: str | Path, data_dir: str | Path, episode: int, out: str | Path,
-                       steps: int = 10, seed: int = 0) -> Path:
+def render_predictions(
+    checkpoint: str | Path, data_dir: str | Path, episode: int, out: str | Path, steps: int = 10, seed: int = 0
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,8 +11,9 @@ import torch
 from par_deploy.config import PARConfig
 
 
-def synthetic_batch(cfg: PARConfig, batch: int = 2, blocks: int = 3, seed: int = 0,
-                    lengths: list[int] | None = None) -> dict:
+def synthetic_batch(
+    cfg: PARConfig, batch: int = 2, blocks: int = 3, seed: int = 0, lengths: list[int] | None = None
+) -> dict:
     """A batch of ``batch`` episodes with ``blocks`` input blocks (``blocks + 1`` frames).
 
     ``lengths`` (in blocks, each <= blocks) pads shorter episodes the way the training loader does.
@@ -40,14 +41,27 @@ def synthetic_batch(cfg: PARConfig, batch: int = 2, blocks: int = 3, seed: int =
     block_valid = torch.arange(N + 1)[None, :] <= torch.tensor(lengths)[:, None]  # [B, N+1]
     action_valid = block_valid[:, :, None].expand(B, N + 1, L).clone()
     return {
-        "rgb": rgb, "state": state, "actions": actions, "boa": boa, "block_valid": block_valid,
-        "action_valid": action_valid, "instructions": [cfg.instructions[0]] * B,
+        "rgb": rgb,
+        "state": state,
+        "actions": actions,
+        "boa": boa,
+        "block_valid": block_valid,
+        "action_valid": action_valid,
+        "instructions": [cfg.instructions[0]] * B,
     }
 
 
-def write_synthetic_demos(out_dir, episodes: int = 4, image_size: int = 16, action_dim: int = 4,
-                          state_dim: int = 3, min_steps: int = 9, max_steps: int = 15, seed: int = 0,
-                          max_episode_steps: int = 16):
+def write_synthetic_demos(
+    out_dir,
+    episodes: int = 4,
+    image_size: int = 16,
+    action_dim: int = 4,
+    state_dim: int = 3,
+    min_steps: int = 9,
+    max_steps: int = 15,
+    seed: int = 0,
+    max_episode_steps: int = 16,
+):
     """A demonstration directory in the ``par-demos`` format (train/demos.py) without the simulator:
     a square that moves with the actions, for training tests."""
     import json
@@ -58,10 +72,19 @@ def write_synthetic_demos(out_dir, episodes: int = 4, image_size: int = 16, acti
     out = Path(out_dir)
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     meta = {
-        "format": "par-demos", "version": 1, "task": "Synthetic", "env_id": "Synthetic-v0",
-        "control_mode": "pd_ee_delta_pos", "image_size": image_size, "num_cameras": 1, "camera_names": ["base"],
-        "state_keys": [["pos", state_dim]], "state_dim": state_dim, "action_dim": action_dim,
-        "instruction": "move the square", "max_episode_steps": max_episode_steps,
+        "format": "par-demos",
+        "version": 1,
+        "task": "Synthetic",
+        "env_id": "Synthetic-v0",
+        "control_mode": "pd_ee_delta_pos",
+        "image_size": image_size,
+        "num_cameras": 1,
+        "camera_names": ["base"],
+        "state_keys": [["pos", state_dim]],
+        "state_dim": state_dim,
+        "action_dim": action_dim,
+        "instruction": "move the square",
+        "max_episode_steps": max_episode_steps,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     rng = np.random.default_rng(seed)
@@ -78,6 +101,12 @@ def write_synthetic_demos(out_dir, episodes: int = 4, image_size: int = 16, acti
             y, x = (pos * (image_size - side)).astype(int)
             rgb[t, 0, y : y + side, x : x + side] = (220, 60, 30)
             state[t, : min(2, state_dim)] = pos[: min(2, state_dim)]
-        np.savez_compressed(out / "episodes" / f"ep_{i:06d}.npz", rgb=rgb, state=state, actions=actions,
-                            success=np.bool_(True), seed=np.int64(i))
+        np.savez_compressed(
+            out / "episodes" / f"ep_{i:06d}.npz",
+            rgb=rgb,
+            state=state,
+            actions=actions,
+            success=np.bool_(True),
+            seed=np.int64(i),
+        )
     return out

@@ -56,9 +56,25 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def evaluate_checkpoint(ckpt: Path, task: str, states: int, threads: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "eval.json"
-        cmd = ["par-deploy", "eval", "--task", task, "--checkpoint", str(ckpt), "--episodes", str(states),
-               "--seeds", "0", "--stop-on-success", "--threads", str(threads), "--workers", str(workers),
-               "--json", str(out)]
+        cmd = [
+            "par-deploy",
+            "eval",
+            "--task",
+            task,
+            "--checkpoint",
+            str(ckpt),
+            "--episodes",
+            str(states),
+            "--seeds",
+            "0",
+            "--stop-on-success",
+            "--threads",
+            str(threads),
+            "--workers",
+            str(workers),
+            "--json",
+            str(out),
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
         doc = json.loads(out.read_text())
     once = next(iter(doc["runs"].values()))["summary"]["success_once"]
@@ -66,8 +82,11 @@ def evaluate_checkpoint(ckpt: Path, task: str, states: int, threads: int, worker
 
 
 def run_curve(run: Path, task: str, states: int, out: Path, threads: int, workers: int, every: int) -> dict:
-    doc = json.loads(out.read_text()) if out.exists() else {"run": run.name, "task": task, "states": states,
-                                                           "seed_base": 500000, "points": []}
+    doc = (
+        json.loads(out.read_text())
+        if out.exists()
+        else {"run": run.name, "task": task, "states": states, "seed_base": 500000, "points": []}
+    )
     done = {p["step"] for p in doc["points"]}
     for step, ckpt in checkpoints(run):
         if step in done or step % every:
@@ -91,8 +110,12 @@ def plot(curves: list[Path], path: Path) -> None:
     for c in curves:
         doc = json.loads(c.read_text())
         pts = [p for p in doc["points"] if p.get("cpu_s") is not None]
-        ax.plot([p["cpu_s"] / 60 for p in pts], [100 * p["successes"] / p["episodes"] for p in pts], "o-",
-                label=doc.get("label", doc["run"]))
+        ax.plot(
+            [p["cpu_s"] / 60 for p in pts],
+            [100 * p["successes"] / p["episodes"] for p in pts],
+            "o-",
+            label=doc.get("label", doc["run"]),
+        )
     ax.set_xlabel("training CPU time, one thread [min]")
     ax.set_ylabel(f"success_once on {doc['states']} unseen states [%]")
     ax.set_ylim(0, 100)

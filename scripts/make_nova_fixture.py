@@ -34,14 +34,19 @@ def build_nova(nova_src: Path):
     from diffnext.models.transformers import transformer_nova as tn
 
     tn.VIDEO_ENCODERS.register(f"vit_d{DEPTH}w{DIM}", tn.video_encoder, depth=DEPTH, embed_dim=DIM, num_heads=HEADS)
-    tn.IMAGE_ENCODERS.register(f"vit_d{SPATIAL_DEPTH}w{DIM}", tn.image_encoder, depth=SPATIAL_DEPTH, embed_dim=DIM,
-                               num_heads=HEADS)
-    tn.IMAGE_DECODERS.register(f"mlp_d{MLP_DEPTH}w{MLP_WIDTH}", tn.image_decoder, depth=MLP_DEPTH,
-                               embed_dim=MLP_WIDTH)
+    tn.IMAGE_ENCODERS.register(
+        f"vit_d{SPATIAL_DEPTH}w{DIM}", tn.image_encoder, depth=SPATIAL_DEPTH, embed_dim=DIM, num_heads=HEADS
+    )
+    tn.IMAGE_DECODERS.register(f"mlp_d{MLP_DEPTH}w{MLP_WIDTH}", tn.image_decoder, depth=MLP_DEPTH, embed_dim=MLP_WIDTH)
     grid = IMAGE_SIZE // STRIDE  # latent side
     model = tn.NOVATransformer3DModel(
-        image_dim=LATENT_CHANNELS, image_size=IMAGE_SIZE, image_stride=STRIDE, text_token_dim=TEXT_DIM,
-        text_token_len=TEXT_LEN, image_base_size=[grid // 2, grid // 2], video_base_size=[FRAMES, grid // 4, grid // 4],
+        image_dim=LATENT_CHANNELS,
+        image_size=IMAGE_SIZE,
+        image_stride=STRIDE,
+        text_token_dim=TEXT_DIM,
+        text_token_len=TEXT_LEN,
+        image_base_size=[grid // 2, grid // 2],
+        video_base_size=[FRAMES, grid // 4, grid // 4],
         arch=[f"vit_d{DEPTH}w{DIM}", f"vit_d{SPATIAL_DEPTH}w{DIM}", f"mlp_d{MLP_DEPTH}w{MLP_WIDTH}"],
     )
     return model.eval()
@@ -115,8 +120,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     model = build_nova(args.nova_src)
     randomize(model, g)
-    io = {**run_temporal(model, g), **run_spatial(model, g, 0, "spatial0"), **run_spatial(model, g, KNOWN, "spatial"),
-          **run_mlp(model, g)}
+    io = {
+        **run_temporal(model, g),
+        **run_spatial(model, g, 0, "spatial0"),
+        **run_spatial(model, g, KNOWN, "spatial"),
+        **run_mlp(model, g),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out / "transformer")
     save_file({k: v.contiguous() for k, v in io.items()}, str(args.out / "io.safetensors"))

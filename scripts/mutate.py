@@ -33,8 +33,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the targeted tests first, so that -x stops early on a caught mutant; then every other test file
-FIRST = ("tests/test_spec.py", "tests/test_train_serve.py", "tests/test_mask.py", "tests/test_kernels.py",
-         "tests/test_diffusion.py", "tests/test_runtime.py", "tests/test_export.py")
+FIRST = (
+    "tests/test_spec.py",
+    "tests/test_train_serve.py",
+    "tests/test_mask.py",
+    "tests/test_kernels.py",
+    "tests/test_diffusion.py",
+    "tests/test_runtime.py",
+    "tests/test_export.py",
+)
 
 
 def default_tests(root: Path) -> list[str]:
@@ -60,84 +67,234 @@ def _m(name, files, old, new, why):
 EVAL = ("par_deploy/eval/*.py",)
 MUTANTS = [
     # -- normalisation ----------------------------------------------------------------------------------
-    _m("state-std", "par_deploy/normalize.py", "return ((s - self.state_mean) / std).astype(np.float32)",
-       "return (s - self.state_mean).astype(np.float32)", "issue #15 bug 1: state not divided by its std"),
-    _m("action-scale", "par_deploy/normalize.py", "out = (a - center) / half", "out = (a - center) * half",
-       "actions multiplied by the half-range instead of divided"),
-    _m("denorm-center", "par_deploy/normalize.py", "return (a * half + center).astype(np.float32)",
-       "return (a * half - center).astype(np.float32)", "denormalisation subtracts the centre"),
-    _m("constant-dim", "par_deploy/normalize.py",
-       "half = np.where((self.action_max - self.action_min) / 2 > _EPS, half, 0.0)",
-       "half = np.where((self.action_max - self.action_min) / 2 > _EPS, half, 1.0)",
-       "a dimension without spread (gripper) maps back to constant + sample (a real past bug)"),
-    _m("fit-var", "par_deploy/normalize.py", "mean, std = states.mean(0), states.std(0)",
-       "mean, std = states.mean(0), states.var(0)", "statistics fitted with the variance as std"),
+    _m(
+        "state-std",
+        "par_deploy/normalize.py",
+        "return ((s - self.state_mean) / std).astype(np.float32)",
+        "return (s - self.state_mean).astype(np.float32)",
+        "issue #15 bug 1: state not divided by its std",
+    ),
+    _m(
+        "action-scale",
+        "par_deploy/normalize.py",
+        "out = (a - center) / half",
+        "out = (a - center) * half",
+        "actions multiplied by the half-range instead of divided",
+    ),
+    _m(
+        "denorm-center",
+        "par_deploy/normalize.py",
+        "return (a * half + center).astype(np.float32)",
+        "return (a * half - center).astype(np.float32)",
+        "denormalisation subtracts the centre",
+    ),
+    _m(
+        "constant-dim",
+        "par_deploy/normalize.py",
+        "half = np.where((self.action_max - self.action_min) / 2 > _EPS, half, 0.0)",
+        "half = np.where((self.action_max - self.action_min) / 2 > _EPS, half, 1.0)",
+        "a dimension without spread (gripper) maps back to constant + sample (a real past bug)",
+    ),
+    _m(
+        "fit-var",
+        "par_deploy/normalize.py",
+        "mean, std = states.mean(0), states.std(0)",
+        "mean, std = states.mean(0), states.var(0)",
+        "statistics fitted with the variance as std",
+    ),
     # -- runtime ----------------------------------------------------------------------------------------
-    _m("feedback-units", "par_deploy/runtime/policy.py",
-       "self._prev_chunk[:] = self.normalizer.normalize_action(out)", "self._prev_chunk[:] = out",
-       "issue #15 bug 2: previous chunk fed back in controller units"),
-    _m("executed-units", "par_deploy/runtime/policy.py", "return self.normalizer.normalize_action(executed)",
-       "return executed", "an executed chunk fed back in controller units"),
-    _m("no-clip", "par_deploy/runtime/policy.py", "chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)",
-       "chunk = chunk.astype(np.float32)", "issue #15 bug 5: act() does not clip to the trained range"),
-    _m("runtime-state-raw", "par_deploy/runtime/policy.py", "state = self.normalizer.normalize_state(state)",
-       "state = state.astype(np.float32)", "runtime feeds the raw state"),
-    _m("boa-off-by-one", "par_deploy/runtime/policy.py",
-       "chunk = self._act(rgb, state, prev, self._step == 0, self._step, noise)",
-       "chunk = self._act(rgb, state, prev, self._step <= 1, self._step, noise)", "BOA also at the second step"),
-    _m("slot-no-text", "par_deploy/runtime/bundle_policy.py", "return self.text_slots + step * self.block_len",
-       "return step * self.block_len", "engine writes blocks over the text prefix"),
-    _m("ort-first-block-slot", "par_deploy/runtime/onnx_policy.py", "s = self.slot(step)  #", "s = self.slot(0)  #",
-       "ONNX runner writes every block into the first slot"),
-    _m("hash-prefix", "par_deploy/runtime/bundle.py", 'sha256_file(path) != entry["sha256"]',
-       'sha256_file(path)[:16] != entry["sha256"][:16]', "issue #15 bug 6: only a digest prefix compared"),
-    _m("ckpt-hash-prefix", "par_deploy/runtime/bundle.py", 'if digest != m["checkpoint_hash"]:',
-       'if digest[:12] != m["checkpoint_hash"][:12]:', "checkpoint digest compared by its printed prefix"),
+    _m(
+        "feedback-units",
+        "par_deploy/runtime/policy.py",
+        "self._prev_chunk[:] = self.normalizer.normalize_action(out)",
+        "self._prev_chunk[:] = out",
+        "issue #15 bug 2: previous chunk fed back in controller units",
+    ),
+    _m(
+        "executed-units",
+        "par_deploy/runtime/policy.py",
+        "return self.normalizer.normalize_action(executed)",
+        "return executed",
+        "an executed chunk fed back in controller units",
+    ),
+    _m(
+        "no-clip",
+        "par_deploy/runtime/policy.py",
+        "chunk = np.clip(chunk, -1.0, 1.0).astype(np.float32)",
+        "chunk = chunk.astype(np.float32)",
+        "issue #15 bug 5: act() does not clip to the trained range",
+    ),
+    _m(
+        "runtime-state-raw",
+        "par_deploy/runtime/policy.py",
+        "state = self.normalizer.normalize_state(state)",
+        "state = state.astype(np.float32)",
+        "runtime feeds the raw state",
+    ),
+    _m(
+        "boa-off-by-one",
+        "par_deploy/runtime/policy.py",
+        "chunk = self._act(rgb, state, prev, self._step == 0, self._step, noise)",
+        "chunk = self._act(rgb, state, prev, self._step <= 1, self._step, noise)",
+        "BOA also at the second step",
+    ),
+    _m(
+        "slot-no-text",
+        "par_deploy/runtime/bundle_policy.py",
+        "return self.text_slots + step * self.block_len",
+        "return step * self.block_len",
+        "engine writes blocks over the text prefix",
+    ),
+    _m(
+        "ort-first-block-slot",
+        "par_deploy/runtime/onnx_policy.py",
+        "s = self.slot(step)  #",
+        "s = self.slot(0)  #",
+        "ONNX runner writes every block into the first slot",
+    ),
+    _m(
+        "hash-prefix",
+        "par_deploy/runtime/bundle.py",
+        'sha256_file(path) != entry["sha256"]',
+        'sha256_file(path)[:16] != entry["sha256"][:16]',
+        "issue #15 bug 6: only a digest prefix compared",
+    ),
+    _m(
+        "ckpt-hash-prefix",
+        "par_deploy/runtime/bundle.py",
+        'if digest != m["checkpoint_hash"]:',
+        'if digest[:12] != m["checkpoint_hash"][:12]:',
+        "checkpoint digest compared by its printed prefix",
+    ),
     # -- model ------------------------------------------------------------------------------------------
-    _m("rope-action-base", "par_deploy/model/rope.py", "inv_freq(cfg.rope_theta_action, hd)",
-       "inv_freq(cfg.rope_theta_frame, hd)", "issue #15 bug 3: action tokens rotated with the frame base"),
-    _m("rope-action-offset", "par_deploy/model/rope.py", "torch.where(is_act, cfg.chunk_len, 1)",
-       "torch.where(is_act, 0, 1)", "issue #15 bug 4: action positions lose the block offset (n*L + j -> j)"),
-    _m("rope-q-only", "par_deploy/model/transformer.py", "q, k = apply_rope(q, *rope), apply_rope(k, *rope)",
-       "q, k = apply_rope(q, *rope), k", "keys not rotated"),
-    _m("mask-action-self", "par_deploy/model/layout.py", "((qk == ACT) & (kk == ACT) & (ki <= qi))",
-       "((qk == ACT) & (kk == ACT) & (ki < qi))", "an action token does not attend to itself"),
-    _m("step-start-no-text", "par_deploy/model/par.py",
-       "start = self.cfg.num_text_tokens + n * self.cfg.block_len  # [1]",
-       "start = n * self.cfg.block_len  # [1]", "cached step hides the previous block's tail"),
-    _m("cond-frame-part", "par_deploy/model/par.py", "return self.split_block(h_block)[1]",
-       "return self.split_block(h_block)[0]", "Action-DiT conditioned on the frame part"),
-    _m("cache-mask-inclusive", "kernels/attention.py", "past = (slots < start)", "past = (slots <= start)",
-       "the new block sees a stale cache slot"),
-    _m("sampler-no-clip", "kernels/sampler.py", "x0 = (coeffs[0] * x - coeffs[1] * eps).clamp(-clip, clip)",
-       "x0 = coeffs[0] * x - coeffs[1] * eps", "sampler's x0 not clipped"),
-    _m("q-sample-noise", "par_deploy/model/diffusion.py", "return a.sqrt() * x0 + (1 - a).sqrt() * noise",
-       "return a.sqrt() * x0 + (1 - a) * noise", "forward process with the variance as noise scale"),
+    _m(
+        "rope-action-base",
+        "par_deploy/model/rope.py",
+        "inv_freq(cfg.rope_theta_action, hd)",
+        "inv_freq(cfg.rope_theta_frame, hd)",
+        "issue #15 bug 3: action tokens rotated with the frame base",
+    ),
+    _m(
+        "rope-action-offset",
+        "par_deploy/model/rope.py",
+        "torch.where(is_act, cfg.chunk_len, 1)",
+        "torch.where(is_act, 0, 1)",
+        "issue #15 bug 4: action positions lose the block offset (n*L + j -> j)",
+    ),
+    _m(
+        "rope-q-only",
+        "par_deploy/model/transformer.py",
+        "q, k = apply_rope(q, *rope), apply_rope(k, *rope)",
+        "q, k = apply_rope(q, *rope), k",
+        "keys not rotated",
+    ),
+    _m(
+        "mask-action-self",
+        "par_deploy/model/layout.py",
+        "((qk == ACT) & (kk == ACT) & (ki <= qi))",
+        "((qk == ACT) & (kk == ACT) & (ki < qi))",
+        "an action token does not attend to itself",
+    ),
+    _m(
+        "step-start-no-text",
+        "par_deploy/model/par.py",
+        "start = self.cfg.num_text_tokens + n * self.cfg.block_len  # [1]",
+        "start = n * self.cfg.block_len  # [1]",
+        "cached step hides the previous block's tail",
+    ),
+    _m(
+        "cond-frame-part",
+        "par_deploy/model/par.py",
+        "return self.split_block(h_block)[1]",
+        "return self.split_block(h_block)[0]",
+        "Action-DiT conditioned on the frame part",
+    ),
+    _m(
+        "cache-mask-inclusive",
+        "kernels/attention.py",
+        "past = (slots < start)",
+        "past = (slots <= start)",
+        "the new block sees a stale cache slot",
+    ),
+    _m(
+        "sampler-no-clip",
+        "kernels/sampler.py",
+        "x0 = (coeffs[0] * x - coeffs[1] * eps).clamp(-clip, clip)",
+        "x0 = coeffs[0] * x - coeffs[1] * eps",
+        "sampler's x0 not clipped",
+    ),
+    _m(
+        "q-sample-noise",
+        "par_deploy/model/diffusion.py",
+        "return a.sqrt() * x0 + (1 - a).sqrt() * noise",
+        "return a.sqrt() * x0 + (1 - a) * noise",
+        "forward process with the variance as noise scale",
+    ),
     # -- export -----------------------------------------------------------------------------------------
-    _m("graph-frame-part", "export/graphs.py", "frame_hidden, _ = m.split_block(h)",
-       "_, frame_hidden = m.split_block(h)", "step graph outputs the action part as frame hidden states"),
-    _m("denoise-first-t", "export/graphs.py", "t = self.timesteps.index_select(0, k)  # [1]",
-       "t = self.timesteps.index_select(0, k * 0)  # [1]", "loop sampler bakes the first timestep for every step"),
-    _m("prefix-first-instruction", "export/bundler.py", "model.prefill(model.text([instruction]), cache)",
-       "model.prefill(model.text([model.cfg.instructions[0]]), cache)", "every instruction gets the first prefix"),
-    _m("manifest-stale-std", "export/bundler.py", '"normalization": normalizer.to_dict(),',
-       '"normalization": {**normalizer.to_dict(), "state_std": [1.0] * normalizer.state_dim},',
-       "bundle written with wrong state statistics"),
-    _m("parity-ignores-cond", "export/parity.py", 'and diffs["cond"] <= tol["hidden"]', "",
-       "export parity verdict ignores the Action-DiT condition"),
+    _m(
+        "graph-frame-part",
+        "export/graphs.py",
+        "frame_hidden, _ = m.split_block(h)",
+        "_, frame_hidden = m.split_block(h)",
+        "step graph outputs the action part as frame hidden states",
+    ),
+    _m(
+        "denoise-first-t",
+        "export/graphs.py",
+        "t = self.timesteps.index_select(0, k)  # [1]",
+        "t = self.timesteps.index_select(0, k * 0)  # [1]",
+        "loop sampler bakes the first timestep for every step",
+    ),
+    _m(
+        "prefix-first-instruction",
+        "export/bundler.py",
+        "model.prefill(model.text([instruction]), cache)",
+        "model.prefill(model.text([model.cfg.instructions[0]]), cache)",
+        "every instruction gets the first prefix",
+    ),
+    _m(
+        "manifest-stale-std",
+        "export/bundler.py",
+        '"normalization": normalizer.to_dict(),',
+        '"normalization": {**normalizer.to_dict(), "state_std": [1.0] * normalizer.state_dim},',
+        "bundle written with wrong state statistics",
+    ),
+    _m(
+        "parity-ignores-cond",
+        "export/parity.py",
+        'and diffs["cond"] <= tol["hidden"]',
+        "",
+        "export parity verdict ignores the Action-DiT condition",
+    ),
     # -- evaluation -------------------------------------------------------------------------------------
-    _m("wilson-center", EVAL, "center = (p + z * z / (2 * n)) / denom", "center = (p + z * z / (4 * n)) / denom",
-       "Wilson interval centre"),
-    _m("wilson-half", EVAL, "half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom",
-       "half = z * math.sqrt(p * (1 - p) / n) / denom", "Wald half-width inside the Wilson interval"),
-    _m("newcombe-sign", EVAL, "d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)",
-       "d - math.sqrt((p1 - l1) ** 2 + (p2 - l2) ** 2)", "Newcombe interval uses the wrong side of p2"),
+    _m(
+        "wilson-center",
+        EVAL,
+        "center = (p + z * z / (2 * n)) / denom",
+        "center = (p + z * z / (4 * n)) / denom",
+        "Wilson interval centre",
+    ),
+    _m(
+        "wilson-half",
+        EVAL,
+        "half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom",
+        "half = z * math.sqrt(p * (1 - p) / n) / denom",
+        "Wald half-width inside the Wilson interval",
+    ),
+    _m(
+        "newcombe-sign",
+        EVAL,
+        "d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)",
+        "d - math.sqrt((p1 - l1) ** 2 + (p2 - l2) ** 2)",
+        "Newcombe interval uses the wrong side of p2",
+    ),
 ]
 
 
 def project_files(root: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
-                         capture_output=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True, capture_output=True
+    ).stdout.decode()
     return [f for f in out.split("\0") if f and (root / f).is_file()]
 
 
@@ -174,9 +331,19 @@ def make_copy(root: Path, work: Path) -> tuple[Path, dict[str, str]]:
     (work / "site").mkdir()
     (work / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE.format(mapping=mapping))
     env = {**os.environ, "PYTHONPATH": str(work / "site"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    probe = subprocess.run([sys.executable, "-c", "import par_deploy.export, par_deploy.runtime.policy as p; "
-                            "print(p.__file__); print(par_deploy.export.__file__)"],
-                           cwd=src, env=env, capture_output=True, text=True, check=True).stdout.split()
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import par_deploy.export, par_deploy.runtime.policy as p; "
+            "print(p.__file__); print(par_deploy.export.__file__)",
+        ],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if not all(Path(p).is_relative_to(src) for p in probe):
         raise SystemExit(f"the copy is not what Python imports: {probe}")
     return src, env
@@ -207,8 +374,9 @@ def run_suite(src: Path, env: dict[str, str], tests: list[str], timeout: float) 
     subprocesses, the first failure line)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     t0, c0 = time.monotonic(), _child_cpu()
-    proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
         # pytest exits 1 when a test failed; anything else (a signal, an internal or usage error) is not a verdict
@@ -236,16 +404,26 @@ def run_mutant(m: Mutant, src: Path, env: dict[str, str], tests: list[str], time
     finally:
         path.write_text(original)
     verdict = {"failed": "caught", "timeout": "caught (timeout)", "passed": "survived", "error": "error"}[status]
-    return {"name": m.name, "file": str(path.relative_to(src)), "status": verdict, "seconds": round(seconds, 1),
-            "why": m.why, "detail": detail}
+    return {
+        "name": m.name,
+        "file": str(path.relative_to(src)),
+        "status": verdict,
+        "seconds": round(seconds, 1),
+        "why": m.why,
+        "detail": detail,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", action="append", help="run only this mutant (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
-    ap.add_argument("--tests", nargs="+", default=default_tests(ROOT), help="pytest arguments (default: the "
-                    "fast suite's files, targeted ones first)")
+    ap.add_argument(
+        "--tests",
+        nargs="+",
+        default=default_tests(ROOT),
+        help="pytest arguments (default: the fast suite's files, targeted ones first)",
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per suite run (default 900)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated copy")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -275,11 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     caught = [r for r in ran if r["status"].startswith("caught")]
     skipped = len(results) - len(ran)
     rate = len(caught) / len(ran) if ran else float("nan")
-    print(f"\n{len(caught)}/{len(ran)} caught ({100 * rate:.0f}%), {skipped} skipped or errored; survived: "
-          f"{[r['name'] for r in ran if r['status'] == 'survived']}")
+    print(
+        f"\n{len(caught)}/{len(ran)} caught ({100 * rate:.0f}%), {skipped} skipped or errored; survived: "
+        f"{[r['name'] for r in ran if r['status'] == 'survived']}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"caught": len(caught), "ran": len(ran), "skipped": skipped,
-                                         "tests": args.tests, "results": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"caught": len(caught), "ran": len(ran), "skipped": skipped, "tests": args.tests, "results": results},
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if ran and rate >= 0.9 else 1
 
 

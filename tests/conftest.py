@@ -47,10 +47,12 @@ def runtime_bundle(tmp_path_factory) -> Path:
     from par_deploy.export.measure import randomized_checkpoint
 
     work = tmp_path_factory.mktemp("runtime")
-    ckpt = randomized_checkpoint("tiny", work / "ckpt", scale=0.05, beta_schedule="linear",
-                                 instructions=("push the cube", "pick the cube"))
-    return export_bundle(use_skewed_normalizer(ckpt), work / "bundle", backends=("onnx",), denoise_steps=4,
-                         progress=False).bundle_dir
+    ckpt = randomized_checkpoint(
+        "tiny", work / "ckpt", scale=0.05, beta_schedule="linear", instructions=("push the cube", "pick the cube")
+    )
+    return export_bundle(
+        use_skewed_normalizer(ckpt), work / "bundle", backends=("onnx",), denoise_steps=4, progress=False
+    ).bundle_dir
 
 
 @pytest.fixture

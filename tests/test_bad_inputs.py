@@ -65,8 +65,10 @@ def ckpt_copy(exported, tmp_path):
 
 def _obs(spec, seed=0):
     rng = np.random.default_rng(seed)
-    return {"rgb": rng.integers(0, 256, (spec.num_cameras, spec.image_size, spec.image_size, 3), dtype=np.uint8),
-            "state": rng.standard_normal(spec.state_dim).astype(np.float32)}
+    return {
+        "rgb": rng.integers(0, 256, (spec.num_cameras, spec.image_size, spec.image_size, 3), dtype=np.uint8),
+        "state": rng.standard_normal(spec.state_dim).astype(np.float32),
+    }
 
 
 def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
@@ -117,8 +119,10 @@ def test_two_policy_objects_in_two_threads_are_independent(exported):
     episode(a, 0, alone_a)
     episode(b, 100, alone_b)
     together_a, together_b = [], []
-    threads = [threading.Thread(target=episode, args=(a, 0, together_a)),
-               threading.Thread(target=episode, args=(b, 100, together_b))]
+    threads = [
+        threading.Thread(target=episode, args=(a, 0, together_a)),
+        threading.Thread(target=episode, args=(b, 100, together_b)),
+    ]
     a._rng, b._rng = np.random.default_rng(3), np.random.default_rng(4)
     for t in threads:
         t.start()

@@ -48,8 +48,11 @@ def test_bench_json_schema_and_figures(tiny_bundle, tmp_path):
     assert result["schema"] == "par-bench" and result["version"] == 1
     for key in ("machine", "components_ms", "history_ms", "k_ms", "memory", "ratios", "targets", "load_s"):
         assert key in result
-    cases = {f"{p}/{c}" for p in ("engine", "reference_k", "reference_train", "naive_k")
-             for c in ("transformer_step", "sampler", "control_step")}
+    cases = {
+        f"{p}/{c}"
+        for p in ("engine", "reference_k", "reference_train", "naive_k")
+        for c in ("transformer_step", "sampler", "control_step")
+    }
     assert set(result["components_ms"]) == cases
     for stats in result["components_ms"].values():
         assert set(stats) == {"p50", "p90", "p99", "min", "mean", "n"} and stats["n"] == 3
@@ -60,8 +63,9 @@ def test_bench_json_schema_and_figures(tiny_bundle, tmp_path):
     assert set(result["targets"]) == set(TARGETS)
     assert result["memory"]["engine"]["imported_torch"] is False
     assert result["memory"]["reference"]["imported_torch"] is True
-    numbers = list(walk_numbers({k: result[k] for k in ("components_ms", "history_ms", "k_ms", "memory", "ratios",
-                                                         "load_s")}))
+    numbers = list(
+        walk_numbers({k: result[k] for k in ("components_ms", "history_ms", "k_ms", "memory", "ratios", "load_s")})
+    )
     assert len(numbers) > 50
     for path, value in numbers:
         assert math.isfinite(value) and value > 0, path

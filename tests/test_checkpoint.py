@@ -153,8 +153,10 @@ def test_deployment_checkpoint_acts_like_its_source(ckpt, tmp_path):
     rng = np.random.default_rng(0)
     cfg = model.cfg
     for _ in range(3):
-        obs = {"rgb": rng.integers(0, 255, (1, 16, 16, 3), dtype=np.uint8),
-               "state": rng.standard_normal(cfg.state_dim).astype(np.float32)}
+        obs = {
+            "rgb": rng.integers(0, 255, (1, 16, 16, 3), dtype=np.uint8),
+            "state": rng.standard_normal(cfg.state_dim).astype(np.float32),
+        }
         noise = rng.standard_normal(full.noise_shape()).astype(np.float32)
         np.testing.assert_array_equal(full.act(obs, noise), deploy.act(obs, noise))
     with pytest.raises(ConfigError, match="deployment checkpoint"):

@@ -26,8 +26,23 @@ def test_info_prints_paper_counts():
 def test_export_command_writes_a_bundle_and_report(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     out, report = tmp_path / "bundle", tmp_path / "report.json"
-    result = runner.invoke(app, ["export", str(ckpt), "--out", str(out), "--backend", "onnx", "--backend",
-                                 "torchscript", "--denoise-steps", "2", "--report-json", str(report)])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--backend",
+            "onnx",
+            "--backend",
+            "torchscript",
+            "--denoise-steps",
+            "2",
+            "--report-json",
+            str(report),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").is_file()
     data = json.loads(report.read_text())
@@ -37,8 +52,19 @@ def test_export_command_writes_a_bundle_and_report(tmp_path):
 
 def test_export_of_a_conv_stem_model_passes_parity(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt", frame_embed="conv", num_cameras=2)
-    result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "b"), "--denoise-steps", "2",
-                                 "--report-json", str(tmp_path / "r.json")])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "b"),
+            "--denoise-steps",
+            "2",
+            "--report-json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["parity"]["onnx"]["passed"]
 
@@ -52,13 +78,16 @@ def no_shipped(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["eval", "--task", "StackCube"], "error: no shipped checkpoint for StackCube"),
-    (["bench", "--task", "StackCube"], "error: no shipped checkpoint for StackCube"),
-    (["eval", "--task", "Foo"], "error: unknown task 'Foo'; known tasks: PushCube, PickCube, StackCube"),
-    (["eval", "--checkpoint", "missing-ckpt", "--workers", "0"], "error: missing-ckpt: not a checkpoint directory"),
-    (["eval", "--states", "10", "--episodes", "60"], "error: --episodes 60 is more than --states 10 x 5 seeds"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--task", "StackCube"], "error: no shipped checkpoint for StackCube"),
+        (["bench", "--task", "StackCube"], "error: no shipped checkpoint for StackCube"),
+        (["eval", "--task", "Foo"], "error: unknown task 'Foo'; known tasks: PushCube, PickCube, StackCube"),
+        (["eval", "--checkpoint", "missing-ckpt", "--workers", "0"], "error: missing-ckpt: not a checkpoint directory"),
+        (["eval", "--states", "10", "--episodes", "60"], "error: --episodes 60 is more than --states 10 x 5 seeds"),
+    ],
+)
 def test_eval_and_bench_errors_are_one_line_exit_2(no_shipped, args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output

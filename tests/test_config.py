@@ -8,7 +8,10 @@ from par_deploy.errors import ConfigError
 from par_deploy.model.par import PARModel
 
 PAPER_TABLE_1 = {  # millions of parameters, paper Table 1
-    "causal_transformer": 608.7, "frame_detokenizer": 32.8, "action_detokenizer": 21.1, "action_tokenizer": 0.6,
+    "causal_transformer": 608.7,
+    "frame_detokenizer": 32.8,
+    "action_detokenizer": 21.1,
+    "action_tokenizer": 0.6,
 }
 
 

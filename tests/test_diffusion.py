@@ -9,8 +9,13 @@ from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule, sample
 
 
 def diffusers_kwargs(schedule, T):
-    return dict(num_train_timesteps=T, beta_schedule=schedule, clip_sample=True, prediction_type="epsilon",
-                timestep_spacing="trailing")
+    return dict(
+        num_train_timesteps=T,
+        beta_schedule=schedule,
+        clip_sample=True,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+    )
 
 
 @pytest.mark.parametrize("schedule", ["squaredcos_cap_v2", "linear"])

@@ -50,15 +50,18 @@ INSTRUCTION = TASKS["PushCube"].instruction
 # Statistics
 
 
-@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
-    # scipy.stats.binomtest(k, n).proportion_ci(method="wilson"); 81/263 is Newcombe's (1998) example
-    (0, 10, 0.0, 0.27753279986288926),
-    (8, 10, 0.4901624715366418, 0.9433178485456248),
-    (10, 10, 0.7224672001371109, 1.0),
-    (91, 125, 0.644064961834957, 0.7983392186340461),
-    (1, 2, 0.09453120573423074, 0.9054687942657693),
-    (81, 263, 0.2552885198782742, 0.36620957698280004),
-])
+@pytest.mark.parametrize(
+    ("k", "n", "lo", "hi"),
+    [
+        # scipy.stats.binomtest(k, n).proportion_ci(method="wilson"); 81/263 is Newcombe's (1998) example
+        (0, 10, 0.0, 0.27753279986288926),
+        (8, 10, 0.4901624715366418, 0.9433178485456248),
+        (10, 10, 0.7224672001371109, 1.0),
+        (91, 125, 0.644064961834957, 0.7983392186340461),
+        (1, 2, 0.09453120573423074, 0.9054687942657693),
+        (81, 263, 0.2552885198782742, 0.36620957698280004),
+    ],
+)
 def test_wilson_interval_known_values(k, n, lo, hi):
     got = wilson_interval(k, n)
     assert got == pytest.approx((lo, hi), abs=1e-9)
@@ -90,9 +93,20 @@ def test_parse_seeds_and_protocol_order():
 
 
 def _rec(state, seed, once, end, length=10, step=None, act=(1.0, 2.0), error=None, **kw):
-    return EpisodeRecord(state * 5 + seed, state, EVAL_SEED_BASE + state, seed, success_once=once,
-                         success_at_end=end, success_step=step, length=length, act_ms=list(act), error=error,
-                         seconds=1.0, **kw)
+    return EpisodeRecord(
+        state * 5 + seed,
+        state,
+        EVAL_SEED_BASE + state,
+        seed,
+        success_once=once,
+        success_at_end=end,
+        success_step=step,
+        length=length,
+        act_ms=list(act),
+        error=error,
+        seconds=1.0,
+        **kw,
+    )
 
 
 def test_summary_maths():
@@ -117,11 +131,15 @@ def test_summary_maths():
 
 
 def test_compare_runs_pairs_by_state_and_seed():
-    a = [_rec(0, 0, True, True, first_chunk=[[0.0, 1.0]], first_obs_sha1="x"),
-         _rec(0, 1, True, True, first_chunk=[[0.5, 0.5]], first_obs_sha1="y"),
-         _rec(1, 0, False, False, first_chunk=[[0.0, 0.0]], first_obs_sha1="z")]
-    b = [_rec(0, 1, False, False, first_chunk=[[0.5, 0.25]], first_obs_sha1="y"),
-         _rec(0, 0, True, True, first_chunk=[[0.0, 1.5]], first_obs_sha1="x")]
+    a = [
+        _rec(0, 0, True, True, first_chunk=[[0.0, 1.0]], first_obs_sha1="x"),
+        _rec(0, 1, True, True, first_chunk=[[0.5, 0.5]], first_obs_sha1="y"),
+        _rec(1, 0, False, False, first_chunk=[[0.0, 0.0]], first_obs_sha1="z"),
+    ]
+    b = [
+        _rec(0, 1, False, False, first_chunk=[[0.5, 0.25]], first_obs_sha1="y"),
+        _rec(0, 0, True, True, first_chunk=[[0.0, 1.5]], first_obs_sha1="x"),
+    ]
     c = compare_runs(a, b)
     assert c["paired_episodes"] == 2
     assert c["success_once"]["difference"] == 0.5 and c["success_once"]["only_a"] == 1
@@ -179,9 +197,13 @@ def test_resume_file_logic(tmp_path):
     path = tmp_path / "r.json"
     doc = load_resume(path, PROTOCOL, {"reference": POLICY})  # no file yet: a new document
     assert doc["runs"] == {} and doc["protocol"] == PROTOCOL
-    doc["runs"]["reference"] = {"policy": POLICY, "episodes": [
-        _rec(0, 0, True, True).to_dict(),
-        _rec(0, 1, False, False, error="worker failed 3 times: x", crashed=True).to_dict()]}
+    doc["runs"]["reference"] = {
+        "policy": POLICY,
+        "episodes": [
+            _rec(0, 0, True, True).to_dict(),
+            _rec(0, 1, False, False, error="worker failed 3 times: x", crashed=True).to_dict(),
+        ],
+    }
     path.write_text(json.dumps(doc))
     again = load_resume(path, PROTOCOL, {"reference": POLICY, "engine": {**POLICY, "kind": "engine"}})
     assert list(completed(again, "reference")) == [(0, 0)]  # crashed episodes are re-run
@@ -209,8 +231,18 @@ class FakeEnv:
     with ``marker_dir`` a fault fires only on its first occurrence (a marker file remembers it across
     processes)."""
 
-    def __init__(self, task, *, control_mode, image_size, max_episode_steps, success_from=None, success_until=None,
-                 faults=None, marker_dir=None):
+    def __init__(
+        self,
+        task,
+        *,
+        control_mode,
+        image_size,
+        max_episode_steps,
+        success_from=None,
+        success_until=None,
+        faults=None,
+        marker_dir=None,
+    ):
         self.spec = TASKS[task]
         self.control_mode, self.image_size, self.max_episode_steps = control_mode, image_size, max_episode_steps
         self.num_cameras, self.state_dim, self.action_dim = 1, 16, 4
@@ -220,8 +252,10 @@ class FakeEnv:
 
     def _obs(self):
         g = np.random.default_rng([self.seed, self.t])
-        return {"rgb": g.integers(0, 256, (1, self.image_size, self.image_size, 3), dtype=np.uint8),
-                "state": g.standard_normal(16).astype(np.float32)}
+        return {
+            "rgb": g.integers(0, 256, (1, self.image_size, self.image_size, 3), dtype=np.uint8),
+            "state": g.standard_normal(16).astype(np.float32),
+        }
 
     def _fault(self, seed):
         kind = self.faults.get(seed - EVAL_SEED_BASE)
@@ -285,7 +319,10 @@ def test_episodes_run_and_record_both_success_metrics(ckpt, tmp_path):
     res = _evaluate(ckpt, tmp_path, episodes=3, seeds=(0, 1), json_path=tmp_path / "r.json")
     recs = res.main.episodes
     assert [(r.state, r.policy_seed, r.env_seed) for r in recs] == [
-        (0, 0, EVAL_SEED_BASE), (0, 1, EVAL_SEED_BASE), (1, 0, EVAL_SEED_BASE + 1)]
+        (0, 0, EVAL_SEED_BASE),
+        (0, 1, EVAL_SEED_BASE),
+        (1, 0, EVAL_SEED_BASE + 1),
+    ]
     for r in recs:
         assert r.success_once and r.success_at_end and r.success_step == 5
         assert r.length == 12 and r.control_steps == 3 and len(r.act_ms) == 3  # chunks of 4
@@ -346,21 +383,39 @@ def test_interrupted_evaluation_resumes_and_refuses_other_settings(ckpt, tmp_pat
         _evaluate(ckpt, tmp_path, episodes=4, seeds=(1,), json_path=path)
     other = _checkpoint(tmp_path / "other", seed=1)
     with pytest.raises(EvalMismatch, match="checkpoint_hash"):
-        evaluate("PushCube", CheckpointSource(other), episodes=1, seeds=(0,), max_steps=12, workers=0,
-                 json_path=path, env_factory=FakeEnv, progress=False)
+        evaluate(
+            "PushCube",
+            CheckpointSource(other),
+            episodes=1,
+            seeds=(0,),
+            max_steps=12,
+            workers=0,
+            json_path=path,
+            env_factory=FakeEnv,
+            progress=False,
+        )
     with pytest.raises(EvalMismatch, match="steps"):  # same checkpoint, another sampler setting
-        evaluate("PushCube", CheckpointSource(ckpt, steps=2), episodes=1, seeds=(0,), max_steps=12,
-                 workers=0, json_path=path, env_factory=FakeEnv, progress=False)
+        evaluate(
+            "PushCube",
+            CheckpointSource(ckpt, steps=2),
+            episodes=1,
+            seeds=(0,),
+            max_steps=12,
+            workers=0,
+            json_path=path,
+            env_factory=FakeEnv,
+            progress=False,
+        )
 
 
 def test_refuses_a_policy_for_another_task_or_embodiment(ckpt, tmp_path):
     with pytest.raises(EvalError, match="instruction"):
-        evaluate("StackCube", CheckpointSource(ckpt), episodes=1, workers=0, env_factory=FakeEnv,
-                 progress=False)
+        evaluate("StackCube", CheckpointSource(ckpt), episodes=1, workers=0, env_factory=FakeEnv, progress=False)
     wrong = _checkpoint(tmp_path / "wrong", state_dim=3)
     with pytest.raises(EvalError, match="state_dim: policy 3 vs environment 16"):
-        evaluate("PushCube", CheckpointSource(wrong), episodes=1, max_steps=4, workers=0,
-                 env_factory=FakeEnv, progress=False)
+        evaluate(
+            "PushCube", CheckpointSource(wrong), episodes=1, max_steps=4, workers=0, env_factory=FakeEnv, progress=False
+        )
 
 
 class _PredictingPolicy(TorchPolicy):
@@ -378,9 +433,16 @@ class _NoFramePolicy(TorchPolicy):
 def test_video_of_real_and_predicted_frames(ckpt, tmp_path):
     import imageio.v2 as imageio
 
-    setup = RolloutSetup(task="PushCube", policy=CheckpointSource(ckpt), instruction=INSTRUCTION,
-                         control_mode="pd_ee_delta_pos", image_size=16, max_steps=8, video_dir=str(tmp_path / "v"),
-                         label="reference")
+    setup = RolloutSetup(
+        task="PushCube",
+        policy=CheckpointSource(ckpt),
+        instruction=INSTRUCTION,
+        control_mode="pd_ee_delta_pos",
+        image_size=16,
+        max_steps=8,
+        video_dir=str(tmp_path / "v"),
+        label="reference",
+    )
     env = FakeEnv("PushCube", control_mode="pd_ee_delta_pos", image_size=16, max_episode_steps=8)
     runner = EpisodeRunner(setup, policy=_PredictingPolicy.from_pretrained(ckpt), env=env)
     rec = runner.run(EpisodeJob(0, 3, 1))
@@ -405,12 +467,14 @@ def test_video_of_real_and_predicted_frames(ckpt, tmp_path):
 
 def test_crashed_and_hung_workers_are_restarted_and_reported(ckpt, tmp_path):
     # state 1: the process exits once; state 2: the env raises on every attempt; state 3: hangs once
-    env = functools.partial(_FaultyEnv, success_from=5, faults={1: "exit", 3: "hang"}, always={2: "raise"},
-                            marker_dir=str(tmp_path))
+    env = functools.partial(
+        _FaultyEnv, success_from=5, faults={1: "exit", 3: "hang"}, always={2: "raise"}, marker_dir=str(tmp_path)
+    )
     path = tmp_path / "r.json"
     t0 = time.perf_counter()
-    res = _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=1, json_path=path,
-                    env=env)
+    res = _evaluate(
+        ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=1, json_path=path, env=env
+    )
     elapsed = time.perf_counter() - t0
     recs = {r.state: r for r in res.main.episodes}
     assert sorted(recs) == [0, 1, 2, 3]  # nothing dropped
@@ -427,8 +491,9 @@ def test_crashed_and_hung_workers_are_restarted_and_reported(ckpt, tmp_path):
     assert elapsed < 120
 
     # resuming re-runs only the crashed episode (still failing here: recorded again, never dropped)
-    res = _evaluate(ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=0, json_path=path,
-                    env=env)
+    res = _evaluate(
+        ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=0, json_path=path, env=env
+    )
     assert res.skipped == {"reference": 3} and res.main.summary["crashed"] == 1
 
 
@@ -460,10 +525,17 @@ def test_resumed_evaluation_equals_uninterrupted_episode_by_episode(ckpt, tmp_pa
     for a, b in zip(whole.main.episodes, resumed.main.episodes, strict=True):
         assert a.trajectory_sha1 == b.trajectory_sha1 and a.first_chunk == b.first_chunk
     # the environment does carry state: sharing one instance across episodes (no isolation) changes the result
-    setup = RolloutSetup(task="PushCube", policy=CheckpointSource(ckpt), instruction=INSTRUCTION,
-                         control_mode="pd_ee_delta_pos", image_size=16, max_steps=12)
-    shared = EpisodeRunner(setup, env=env("PushCube", control_mode="pd_ee_delta_pos", image_size=16,
-                                          max_episode_steps=12))
+    setup = RolloutSetup(
+        task="PushCube",
+        policy=CheckpointSource(ckpt),
+        instruction=INSTRUCTION,
+        control_mode="pd_ee_delta_pos",
+        image_size=16,
+        max_steps=12,
+    )
+    shared = EpisodeRunner(
+        setup, env=env("PushCube", control_mode="pd_ee_delta_pos", image_size=16, max_episode_steps=12)
+    )
     shared.run(EpisodeJob(0, 0, 0))
     assert shared.run(EpisodeJob(1, 0, 1)).trajectory_sha1 != whole.main.episodes[1].trajectory_sha1
 
@@ -496,8 +568,14 @@ def test_results_file_holds_no_machine_path(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["/somewhere/bin/par-deploy", "eval", "--json", str(tmp_path / "r.json")])
     from par_deploy.eval.run import _command
 
-    _evaluate(ckpt, tmp_path, episodes=1, json_path=tmp_path / "r.json", video_dir=tmp_path / "v",
-              command=_command({"json_path": tmp_path / "r.json", "console": object, "episodes": 1}))
+    _evaluate(
+        ckpt,
+        tmp_path,
+        episodes=1,
+        json_path=tmp_path / "r.json",
+        video_dir=tmp_path / "v",
+        command=_command({"json_path": tmp_path / "r.json", "console": object, "episodes": 1}),
+    )
     doc = json.loads((tmp_path / "r.json").read_text())
 
     def strings(x):
@@ -546,8 +624,17 @@ def test_engine_compare_with_reference(ckpt, tmp_path):
     engine = EngineSource(bundle, backend="onnx")
     ref = reference_for(engine)  # the manifest's source checkpoint, with the bundle's sampler and K
     assert Path(ref.path).resolve() == Path(ckpt).resolve() and ref.steps == 4
-    res = evaluate("PushCube", engine, reference=ref, episodes=2, max_steps=12, workers=0, env_factory=FakeEnv,
-                   json_path=tmp_path / "r.json", progress=False)
+    res = evaluate(
+        "PushCube",
+        engine,
+        reference=ref,
+        episodes=2,
+        max_steps=12,
+        workers=0,
+        env_factory=FakeEnv,
+        json_path=tmp_path / "r.json",
+        progress=False,
+    )
     assert list(res.runs) == ["engine", "reference"]
     c = res.compare
     assert c["paired_episodes"] == 2 and c["first_chunk_compared"] == 2 and c["first_obs_identical"] == 2
@@ -635,9 +722,11 @@ def test_bundle_finds_its_source_checkpoint_relative_to_itself(shipped):
     bundle = task_bundle("PushCube").bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     want = shipped / "checkpoints" / "pushcube-cpu-small"
-    for written in ("checkpoints/pushcube-cpu-small",  # relative to the working directory at export
-                    "../checkpoints/pushcube-cpu-small",  # relative to the bundle directory
-                    str(want)):
+    for written in (
+        "checkpoints/pushcube-cpu-small",  # relative to the working directory at export
+        "../checkpoints/pushcube-cpu-small",  # relative to the bundle directory
+        str(want),
+    ):
         assert source_checkpoint(bundle, {**manifest, "source_checkpoint": written}).resolve() == want
     with pytest.raises(NotFound, match="pass the checkpoint"):
         source_checkpoint(bundle, {**manifest, "source_checkpoint": "gone"})
@@ -648,8 +737,14 @@ def test_demo_runs_the_shared_episode_loop(shipped, monkeypatch):
 
     from par_deploy import describe
 
-    monkeypatch.setattr(describe, "_demo_env", lambda task, policy, console: (
-        describe.RandomObservationEnv(policy.spec, policy.normalizer), "random observations"))
+    monkeypatch.setattr(
+        describe,
+        "_demo_env",
+        lambda task, policy, console: (
+            describe.RandomObservationEnv(policy.spec, policy.normalizer),
+            "random observations",
+        ),
+    )
     console = Console(record=True, width=200)
     summary = describe.run_demo("PushCube", steps=3, seed=2, console=console)
     assert summary["control_steps"] == 3 and summary["env_steps"] == 12 and summary["success"] is False
@@ -662,8 +757,9 @@ def test_bench_without_engine_measures_the_task_bundle(shipped):
     from par_deploy.bench import BenchOptions
     from par_deploy.bench.run import run_bench
 
-    result = run_bench(None, options=BenchOptions(reps=2, warmup=1, ks=(), memory=False, progress=False),
-                       task="PushCube")
+    result = run_bench(
+        None, options=BenchOptions(reps=2, warmup=1, ks=(), memory=False, progress=False), task="PushCube"
+    )
     assert Path(result["bundle"]).resolve() == shipped / "bundles" / "pushcube"
     assert Path(result["reference"]).resolve() == shipped / "checkpoints" / "pushcube-cpu-small"
 
@@ -681,8 +777,23 @@ def test_cli_eval_in_maniskill(tmp_path):
     # tiny preset at the task's sizes; the cache covers the task's 100 steps (25 chunks of 4, + 1)
     ckpt = _checkpoint(tmp_path / "ckpt", image_size=64, max_blocks=26)
     out = tmp_path / "r.json"
-    args = ["eval", "--task", "PushCube", "--checkpoint", str(ckpt), "--episodes", "2", "--max-steps", "16",
-            "--workers", "1", "--json", str(out), "--video", str(tmp_path / "video")]
+    args = [
+        "eval",
+        "--task",
+        "PushCube",
+        "--checkpoint",
+        str(ckpt),
+        "--episodes",
+        "2",
+        "--max-steps",
+        "16",
+        "--workers",
+        "1",
+        "--json",
+        str(out),
+        "--video",
+        str(tmp_path / "video"),
+    ]
     t0 = time.perf_counter()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -691,7 +802,9 @@ def test_cli_eval_in_maniskill(tmp_path):
     run = doc["runs"]["reference"]
     assert doc["protocol"]["env_id"] == "PushCube-v1" and doc["protocol"]["image_size"] == 64
     assert [(r["state"], r["policy_seed"], r["env_seed"]) for r in run["episodes"]] == [
-        (0, 0, EVAL_SEED_BASE), (0, 1, EVAL_SEED_BASE)]
+        (0, 0, EVAL_SEED_BASE),
+        (0, 1, EVAL_SEED_BASE),
+    ]
     for r in run["episodes"]:
         assert r["length"] == 16 and r["control_steps"] == 4 and r["error"] is None
         assert isinstance(r["success_once"], bool) and isinstance(r["success_at_end"], bool)

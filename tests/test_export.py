@@ -85,9 +85,7 @@ def _episode(ckpt, bundle_dir, backend, instruction_index=0, steps=6, seed=3):
     """Same observations and noise through the engine and TorchPolicy; returns max diffs and ref actions."""
     model, normalizer = from_pretrained(ckpt)
     engine = load_policy(bundle_dir, backend, threads=1)
-    ref = TorchPolicy(
-        model, normalizer, sampler=engine.bundle.manifest["sampler"]["kind"], steps=engine.denoise_steps
-    )
+    ref = TorchPolicy(model, normalizer, sampler=engine.bundle.manifest["sampler"]["kind"], steps=engine.denoise_steps)
     instruction = model.cfg.instructions[instruction_index]
     engine.reset(instruction)
     ref.reset(instruction)
@@ -142,10 +140,7 @@ def test_export_report_and_manifest(tiny, custom):
         assert report.seconds["onnx"] > 0 and report.seconds["torchscript"] > 0
     m = read_manifest(custom[1].bundle_dir)
     assert m["sampler"]["kind"] == "ddpm" and m["sampler"]["steps"] == 3 and m["sampler"]["graph"] == "loop"
-    assert (
-        len(m["sampler"]["timesteps"]) == 3
-        and m["sampler"]["timesteps"][0] == m["config"]["train_timesteps"] - 1
-    )
+    assert len(m["sampler"]["timesteps"]) == 3 and m["sampler"]["timesteps"][0] == m["config"]["train_timesteps"] - 1
     assert set(m["graphs"]) == {"step", "condition", "denoise"}
     assert set(read_manifest(tiny[1].bundle_dir)["graphs"]) == {"step", "sampler"}
 
@@ -280,9 +275,7 @@ def test_argument_and_directory_errors(tiny, tmp_path):
 def test_legacy_exporter_and_overwrite(tiny, tmp_path):
     ckpt, _ = tiny
     out = tmp_path / "legacy"
-    report = export_bundle(
-        ckpt, out, backends=("onnx",), onnx_exporter="legacy", denoise_steps=2, progress=False
-    )
+    report = export_bundle(ckpt, out, backends=("onnx",), onnx_exporter="legacy", denoise_steps=2, progress=False)
     assert report.parity["onnx"]["passed"] and report.parity["onnx"]["actions_max_abs"] < 1e-3
     report = export_bundle(
         ckpt,

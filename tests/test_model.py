@@ -54,8 +54,10 @@ def test_reference_policy_cached_equals_recomputed(tiny_model):
     rng = np.random.default_rng(0)
     chunks = []
     for _ in range(cfg.max_blocks):
-        obs = {"rgb": rng.integers(0, 255, (1, 16, 16, 3), dtype=np.uint8),
-               "state": rng.standard_normal(cfg.state_dim).astype(np.float32)}
+        obs = {
+            "rgb": rng.integers(0, 255, (1, 16, 16, 3), dtype=np.uint8),
+            "state": rng.standard_normal(cfg.state_dim).astype(np.float32),
+        }
         noise = rng.standard_normal(cached.noise_shape()).astype(np.float32)
         a, b = cached.act(obs, noise), naive.act(obs, noise)
         np.testing.assert_allclose(a, b, atol=1e-5)

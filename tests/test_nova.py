@@ -20,8 +20,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 NOVA = FIXTURES / "nova" / "transformer"
 TOL = 1e-5
 # PAR's own additions at a small size; everything NOVA fixes comes from NOVA's config.json.
-SMALL = dict(heads=2, image_size=64, text_encoder_path="phi-2", state_dim=3, chunk_len=4, max_blocks=4, dit_dim=32,
-             dit_depth=1, dit_heads=2, action_tokenizer_hidden=32)
+SMALL = dict(
+    heads=2,
+    image_size=64,
+    text_encoder_path="phi-2",
+    state_dim=3,
+    chunk_len=4,
+    max_blocks=4,
+    dit_dim=32,
+    dit_depth=1,
+    dit_heads=2,
+    action_tokenizer_hidden=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +62,11 @@ def test_temporal_transformer_computes_novas_function(loaded, io):
     frames = patchify(video.transpose(1, 2), cfg.video_patch).view(B, T, cfg.frame_tokens, -1)  # [B, T, K_o, C p^2]
     x = torch.cat([text, model.frame_embed(frames).flatten(1, 2)], dim=1)
     Kt, n = cfg.num_text_tokens, T * cfg.frame_tokens
-    meta = TokenMeta(torch.tensor([TEXT] * Kt + [OBS] * n),
-                     torch.cat([torch.full((Kt,), -1), torch.arange(T).repeat_interleave(cfg.frame_tokens)]),
-                     torch.cat([torch.arange(Kt), torch.zeros(n, dtype=torch.long)]))
+    meta = TokenMeta(
+        torch.tensor([TEXT] * Kt + [OBS] * n),
+        torch.cat([torch.full((Kt,), -1), torch.arange(T).repeat_interleave(cfg.frame_tokens)]),
+        torch.cat([torch.arange(Kt), torch.zeros(n, dtype=torch.long)]),
+    )
     # NOVA's sequence has no action tokens; RoPE over time is PAR's addition (rope=None: NOVA's function)
     out = model.transformer(x, allowed(meta, meta, cfg.text_attention), rope=None)[:, Kt:]
     assert close(out, io["temporal.out"]) < TOL
@@ -66,8 +78,11 @@ def test_spatial_transformer_computes_novas_function(loaded, io, tag):
     model, _ = loaded
     x = patchify(io[f"{tag}.x"][:, None], model.cfg.patch_size)  # [B, K, C p^2]
     ids = io[f"{tag}.known_ids"]
-    known = torch.zeros(x.shape[:2], dtype=torch.bool).scatter(1, ids, True) if ids.numel() else \
-        torch.zeros(x.shape[:2], dtype=torch.bool)
+    known = (
+        torch.zeros(x.shape[:2], dtype=torch.bool).scatter(1, ids, True)
+        if ids.numel()
+        else torch.zeros(x.shape[:2], dtype=torch.bool)
+    )
     z = model.frame_head.encode(io[f"{tag}.cond"], x, known)
     assert close(z, io[f"{tag}.out"]) < TOL
 
@@ -102,8 +117,10 @@ def test_every_nova_key_is_loaded_or_ignored_for_a_reason(loaded):
 def test_unknown_renamed_or_missing_keys_are_errors(loaded, tmp_path):
     model, _ = loaded
     nova = read_nova_state_dict(NOVA)
-    for new, error in (("video_encoder.block.0.attn.qkv.weight", "neither loads nor knows"),
-                       ("video_encoder.blocks.0.attn.qkv_.weight", "has no such parameter")):
+    for new, error in (
+        ("video_encoder.block.0.attn.qkv.weight", "neither loads nor knows"),
+        ("video_encoder.blocks.0.attn.qkv_.weight", "has no such parameter"),
+    ):
         renamed = dict(nova)
         renamed[new] = renamed.pop("video_encoder.blocks.0.attn.qkv.weight")
         with pytest.raises(CheckpointError, match=error):

@@ -26,8 +26,9 @@ TINY = dict(beta_schedule="linear")  # keeps the untrained sampler's actions mos
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
     ckpt = randomized_checkpoint("tiny", root / "ckpt", scale=0.05, **TINY)
-    return ckpt, {p: export_bundle(ckpt, root / p, precision=p, denoise_steps=2, progress=False)
-                  for p in ("fp32", "int8")}
+    return ckpt, {
+        p: export_bundle(ckpt, root / p, precision=p, denoise_steps=2, progress=False) for p in ("fp32", "int8")
+    }
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -45,7 +46,9 @@ def test_each_precision_exports_within_its_tolerance(bundles, precision):
     assert policy.bundle.precision == precision
     policy.reset()
     assert policy.act({"rgb": _rgb(policy), "state": _state(policy)}).shape == (
-        policy.spec.chunk_len, policy.spec.action_dim)
+        policy.spec.chunk_len,
+        policy.spec.action_dim,
+    )
 
 
 def test_int8_graphs_are_quantized_and_keep_their_fp32_source(bundles):
@@ -136,5 +139,4 @@ def test_engines_compare_fp32_and_int8_in_one_run(bundles):
     for key in ("b_over_a", "a_over_reference", "b_over_reference"):
         assert set(r[key]) == {"transformer_step", "sampler", "control_step"}
         assert all(v > 0 and np.isfinite(v) for v in r[key].values())
-    assert r["b_over_a"]["control_step"] == pytest.approx(
-        r["p50_ms"]["a/control_step"] / r["p50_ms"]["b/control_step"])
+    assert r["b_over_a"]["control_step"] == pytest.approx(r["p50_ms"]["a/control_step"] / r["p50_ms"]["b/control_step"])

@@ -21,9 +21,17 @@ def vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path
@@ -64,16 +72,27 @@ def text_dir(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "push", "the", "cube", "to", "goal", "region", "pick"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(path)
     return path
 
 
 def test_text_encoder_prefix(text_dir):
-    cfg = preset("tiny", text_encoder_path=str(text_dir), text_encoder_dim=24, num_text_tokens=5,
-                 instructions=("push the cube to the goal region", "pick the cube"))
+    cfg = preset(
+        "tiny",
+        text_encoder_path=str(text_dir),
+        text_encoder_dim=24,
+        num_text_tokens=5,
+        instructions=("push the cube to the goal region", "pick the cube"),
+    )
     model = PARModel(cfg)
     assert set(k for k in model.state_dict() if k.startswith("text.")) == {"text.proj.weight", "text.proj.bias"}
     a, b = model.text(["push the cube to the goal region"]), model.text(["pick the cube"])
@@ -100,8 +119,15 @@ def phi_dir(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "push", "the", "cube", "to", "goal", "region", "pick"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    cfg = transformers.PhiConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16, pad_token_id=0)
+    cfg = transformers.PhiConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     transformers.PhiForCausalLM(cfg).save_pretrained(path)  # saved with its LM head, as NOVA ships Phi
     return path
@@ -113,9 +139,17 @@ def nova_vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=64)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
     path = tmp_path_factory.mktemp("nova_vae")
     vae.save_pretrained(path)
     return path
@@ -125,8 +159,11 @@ def test_nova_checkpoint_with_phi_and_vae_trains(phi_dir, nova_vae_dir):
     from par_deploy.nova import load_nova_weights, nova_par_config
     from tests.test_nova import NOVA, SMALL
 
-    cfg = nova_par_config(NOVA, **{**SMALL, "text_encoder_path": str(phi_dir), "vae_path": str(nova_vae_dir)},
-                          instructions=("push the cube to the goal region",))
+    cfg = nova_par_config(
+        NOVA,
+        **{**SMALL, "text_encoder_path": str(phi_dir), "vae_path": str(nova_vae_dir)},
+        instructions=("push the cube to the goal region",),
+    )
     model = PARModel(cfg)
     load_nova_weights(model, NOVA)
     rgb = torch.zeros(1, 1, 64, 64, 3, dtype=torch.uint8)

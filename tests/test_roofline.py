@@ -18,9 +18,11 @@ def _policy(model, k):
 
 
 def _inputs(cfg, rng):
-    return (rng.integers(0, 256, (cfg.num_cameras, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
-            rng.standard_normal(cfg.state_dim).astype(np.float32),
-            rng.uniform(-1, 1, (cfg.chunk_len, cfg.action_dim)).astype(np.float32))
+    return (
+        rng.integers(0, 256, (cfg.num_cameras, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
+        rng.standard_normal(cfg.state_dim).astype(np.float32),
+        rng.uniform(-1, 1, (cfg.chunk_len, cfg.action_dim)).astype(np.float32),
+    )
 
 
 def test_flops_are_counted_per_component_and_scale_with_k(tiny_model):

@@ -41,12 +41,8 @@ def test_load_returns_onnx_policy_with_zero_copy_bindings(bundle):
     policy = runtime.load(bundle, "onnx", threads=1)
     assert isinstance(policy, runtime.OnnxPolicy) and policy.denoise_steps == 4
     for name in ("cache_k", "cache_v", "new_k", "action_cond", "noise", "actions"):
-        assert (
-            policy._values[name].data_ptr() == policy.buffers[name].ctypes.data
-        )  # OrtValue wraps the buffer
-    assert (
-        policy.buffers["action_cond"] is not None and "cond" not in policy.buffers
-    )  # sampler reads step output
+        assert policy._values[name].data_ptr() == policy.buffers[name].ctypes.data  # OrtValue wraps the buffer
+    assert policy.buffers["action_cond"] is not None and "cond" not in policy.buffers  # sampler reads step output
 
 
 def test_act_writes_the_delta_into_the_cache_and_reset_restores_the_prefix(bundle):

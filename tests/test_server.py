@@ -87,8 +87,9 @@ def test_same_chunks_as_the_in_process_runtime(server, bundle):
 def test_two_clients_are_independent_episodes(server, bundle):
     refs = [runtime.load(bundle, "onnx"), runtime.load(bundle, "onnx")]
     with RemotePolicy(server.url) as a, RemotePolicy(server.url) as b:
-        for (remote, ref), (instruction, seed) in zip(((a, refs[0]), (b, refs[1])),
-                                                      ((INSTRUCTIONS[0], 1), (INSTRUCTIONS[1], 2)), strict=True):
+        for (remote, ref), (instruction, seed) in zip(
+            ((a, refs[0]), (b, refs[1])), ((INSTRUCTIONS[0], 1), (INSTRUCTIONS[1], 2)), strict=True
+        ):
             remote.reset(instruction, seed=seed)
             ref.reset(instruction, seed=seed)
         for step in range(5):  # interleaved; b runs one step more than a
@@ -255,8 +256,9 @@ def test_serve_refuses_a_bad_bundle_with_a_message(tmp_path):
 def test_array_wire_format_round_trip_and_limits():
     for dtype in ("uint8", "float32", "float64", "int64", "bool"):
         x = (np.arange(24) % 7).astype(dtype).reshape(2, 3, 4)
-        y = protocol.decode_array(protocol.unpack(protocol.pack({"a": protocol.encode_array(x, "x")}))["a"],
-                                  "x", 1 << 10)
+        y = protocol.decode_array(
+            protocol.unpack(protocol.pack({"a": protocol.encode_array(x, "x")}))["a"], "x", 1 << 10
+        )
         assert y.dtype == x.dtype and y.flags.writeable and np.array_equal(x, y)
     big_endian = np.arange(3, dtype=">f4")
     assert np.array_equal(protocol.decode_array(protocol.encode_array(big_endian, "x"), "x", 64), big_endian)
@@ -277,8 +279,10 @@ def test_sliding_cache_bundle_runs_past_its_length_through_the_server(tmp_path):
     slide = export_bundle(ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
     local = runtime.load(slide, "onnx")
     rng = np.random.default_rng(5)
-    with ServerThread(PolicyServer(slide, "onnx", threads=1, pool_size=1, max_clients=2)) as st, \
-            RemotePolicy(st.url) as remote:
+    with (
+        ServerThread(PolicyServer(slide, "onnx", threads=1, pool_size=1, max_clients=2)) as st,
+        RemotePolicy(st.url) as remote,
+    ):
         assert remote.spec == local.spec and remote.spec.overflow == "slide"
         for policy in (local, remote):
             policy.reset(seed=0)

@@ -20,7 +20,11 @@ def test_shipped_checkpoint_loads_and_acts():
     policy = TorchPolicy(model, norm, steps=4)
     policy.reset()
     rng = np.random.default_rng(0)
-    chunk = policy.act({"rgb": rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8),
-                        "state": rng.standard_normal(cfg.state_dim).astype(np.float32)})
+    chunk = policy.act(
+        {
+            "rgb": rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8),
+            "state": rng.standard_normal(cfg.state_dim).astype(np.float32),
+        }
+    )
     assert chunk.shape == (8, 4) and np.isfinite(chunk).all()
     assert (chunk >= norm.action_min - 1e-6).all() and (chunk <= norm.action_max + 1e-6).all()

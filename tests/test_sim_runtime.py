@@ -40,11 +40,20 @@ def test_runtime_drives_a_maniskill_episode(tmp_path):
     from par_deploy.sim import TASKS
 
     torch.manual_seed(0)
-    cfg = preset("tiny", image_size=64, patch_size=16, target_pool=4, state_dim=16, action_dim=4, max_blocks=13,
-                 instructions=(TASKS["PushCube"].instruction,))
+    cfg = preset(
+        "tiny",
+        image_size=64,
+        patch_size=16,
+        target_pool=4,
+        state_dim=16,
+        action_dim=4,
+        max_blocks=13,
+        instructions=(TASKS["PushCube"].instruction,),
+    )
     ckpt = save_pretrained(PARModel(cfg), Normalizer.identity(4, 16), tmp_path / "ckpt")
     export_bundle(ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=2, progress=False)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "bundle")], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "bundle")], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "env steps 12" in proc.stdout

@@ -80,8 +80,7 @@ def test_rope_is_a_rotation_whose_scores_depend_on_relative_position_only():
     # a quarter turn of the first frequency pair by hand: (x0, x2) = (1, 0) -> (0, 1)
     x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)
     angle = torch.tensor([[np.pi / 2, 0.0]])
-    assert torch.allclose(apply_rope(x, angle.cos(), angle.sin()).flatten(), torch.tensor([0.0, 0, 1, 0]),
-                          atol=1e-6)
+    assert torch.allclose(apply_rope(x, angle.cos(), angle.sin()).flatten(), torch.tensor([0.0, 0, 1, 0]), atol=1e-6)
 
 
 def test_attention_depends_on_relative_time_only():
@@ -130,9 +129,11 @@ def _obs(state):
 
 def test_normalisation_of_state_and_actions_by_hand():
     np.testing.assert_allclose(NORM.normalize_state(np.float32([1.0, 1.0, 10.0])), [2.0, 2.0, 0.0])
-    np.testing.assert_allclose(NORM.normalize_action(np.float32([[-0.1, 1.0, -2.0, 0.5], [0.3, 5.0, -1.5, 0.5],
-                                                                 [0.2, 2.0, -1.625, 0.5]])),
-                               [[-1, -1, -1, 0], [1, 1, 1, 0], [0.5, -0.5, 0.5, 0]], atol=1e-6)
+    np.testing.assert_allclose(
+        NORM.normalize_action(np.float32([[-0.1, 1.0, -2.0, 0.5], [0.3, 5.0, -1.5, 0.5], [0.2, 2.0, -1.625, 0.5]])),
+        [[-1, -1, -1, 0], [1, 1, 1, 0], [0.5, -0.5, 0.5, 0]],
+        atol=1e-6,
+    )
 
 
 def test_statistics_fitted_by_hand():
@@ -149,8 +150,9 @@ def test_act_clips_to_the_trained_range_and_returns_controller_units():
     p = _Scripted([model_out, np.zeros((2, 4)), np.zeros((2, 4))])
     p.reset()
     # clip to [-1, 1], then centre + value * half-range: centre (0.1, 3, -1.75, 0.5), half (0.2, 2, 0.25, 0)
-    np.testing.assert_allclose(p.act(_obs([1.0, 1.0, 10.0])), [[0.3, 1.0, -1.625, 0.5], [0.0, 3.5, -2.0, 0.5]],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        p.act(_obs([1.0, 1.0, 10.0])), [[0.3, 1.0, -1.625, 0.5], [0.0, 3.5, -2.0, 0.5]], atol=1e-6
+    )
     state, prev, first, step = p.calls[0]
     np.testing.assert_allclose(state, [2.0, 2.0, 0.0], atol=1e-6)  # (s - mean) / std
     assert first and step == 0
@@ -174,12 +176,15 @@ def test_engine_actions_stay_in_the_trained_range(runtime_bundle):
     policy.reset()
     s = policy.spec
     policy.sample = lambda noise: np.tile(np.float32([5.0, -5.0, 0.0, 3.0]), (s.chunk_len, 1))
-    obs = {"rgb": np.zeros((s.num_cameras, s.image_size, s.image_size, 3), np.uint8),
-           "state": np.zeros(s.state_dim, np.float32)}
+    obs = {
+        "rgb": np.zeros((s.num_cameras, s.image_size, s.image_size, 3), np.uint8),
+        "state": np.zeros(s.state_dim, np.float32),
+    }
     np.testing.assert_allclose(policy.act(obs), np.tile([0.3, 1.0, -1.75, 0.5], (s.chunk_len, 1)), atol=1e-6)
 
 
 # --- integrity: the whole digest is compared ----------------------------------------------------------------
+
 
 def _last_char_changed(digest: str) -> str:
     return digest[:-1] + ("0" if digest[-1] != "0" else "1")

@@ -44,9 +44,7 @@ def bundle(request, tmp_path_factory):
         )
         kw = dict(sampler_graph="loop", sampler="ddpm")
     return open_bundle(
-        export_bundle(
-            ckpt, work / "bundle", backends=("onnx",), denoise_steps=3, progress=False, **kw
-        ).bundle_dir,
+        export_bundle(ckpt, work / "bundle", backends=("onnx",), denoise_steps=3, progress=False, **kw).bundle_dir,
         "onnx",
     )
 
@@ -68,9 +66,7 @@ def test_all_graph_shapes_are_static_and_match_the_manifest(bundle):
         graph = load_onnx(bundle.engine_path("onnx", name)).graph
         for values, tensors in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
             got = {
-                v.name: [
-                    d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
-                ]
+                v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
                 for v in values
             }
             assert got == {t.name: list(t.shape) for t in tensors}
@@ -102,9 +98,7 @@ def _model(op: str, dims, dtype=TensorProto.FLOAT, opset=18) -> onnx.ModelProto:
         if op != "BitShift"
         else helper.make_node(op, ["x", "x"], ["y"], direction="LEFT")
     )
-    return helper.make_model(
-        helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", opset)]
-    )
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_check_rejects_what_tensorrt_cannot_build(tmp_path):
@@ -140,9 +134,7 @@ def test_tensorrt_unavailable_is_a_clear_error(bundle, tmp_path):
         TensorRTPolicy(bundle)
 
 
-@pytest.mark.skipif(
-    TRT_MISSING is not None, reason=f"TensorRT engine build needs TensorRT + CUDA: {TRT_MISSING}"
-)
+@pytest.mark.skipif(TRT_MISSING is not None, reason=f"TensorRT engine build needs TensorRT + CUDA: {TRT_MISSING}")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_build_and_run_tensorrt_engines(bundle, tmp_path, precision):
     import shutil

@@ -73,10 +73,30 @@ def test_ddp_on_gloo_with_two_processes(demos, tmp_path):
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "--master_addr=127.0.0.1", "-m", "par_deploy",
-           "train", str(demos), "--out", str(tmp_path / "ddp"), "--preset", "tiny", "--steps", "3", "--batch-size", "2",
-           "--warmup", "1", "--save-every", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        "-m",
+        "par_deploy",
+        "train",
+        str(demos),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--save-every",
+        "3",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, _ = from_pretrained(tmp_path / "ddp" / "final")

@@ -47,21 +47,36 @@ def _write_demos(root) -> list[dict[str, np.ndarray]]:
     (gripper-like) dimension; state with large offsets and a constant dimension."""
     (root / "episodes").mkdir(parents=True)
     meta = {
-        "format": "par-demos", "version": 1, "task": "Synthetic", "env_id": "Synthetic-v0",
-        "control_mode": "pd_ee_delta_pos", "image_size": 16, "num_cameras": 1, "camera_names": ["base"],
-        "state_keys": [["pos", 3]], "state_dim": 3, "action_dim": 4, "instruction": INSTRUCTION,
+        "format": "par-demos",
+        "version": 1,
+        "task": "Synthetic",
+        "env_id": "Synthetic-v0",
+        "control_mode": "pd_ee_delta_pos",
+        "image_size": 16,
+        "num_cameras": 1,
+        "camera_names": ["base"],
+        "state_keys": [["pos", 3]],
+        "state_dim": 3,
+        "action_dim": 4,
+        "instruction": INSTRUCTION,
         "max_episode_steps": 20,
     }
     (root / "meta.json").write_text(json.dumps(meta))
     rng = np.random.default_rng(0)
     episodes = []
     for i, (T, _) in enumerate(EPISODES):
-        actions = np.stack([rng.uniform(-0.02, 0.05, T), rng.uniform(0.5, 3.0, T), rng.uniform(-0.01, 0.01, T),
-                            np.full(T, -1.0)], 1).astype(np.float32)  # [T, A]
+        actions = np.stack(
+            [rng.uniform(-0.02, 0.05, T), rng.uniform(0.5, 3.0, T), rng.uniform(-0.01, 0.01, T), np.full(T, -1.0)], 1
+        ).astype(np.float32)  # [T, A]
         pos = np.cumsum(np.concatenate([[0.0], actions[:, 0]]))  # [T+1]
         state = np.stack([5 + 20 * pos, rng.normal(-2.0, 0.05, T + 1), np.full(T + 1, 0.7)], 1)  # [T+1, S]
-        ep = {"rgb": rng.integers(0, 256, (T + 1, 1, 16, 16, 3), dtype=np.uint8), "state": state.astype(np.float32),
-              "actions": actions, "success": np.bool_(True), "seed": np.int64(i)}
+        ep = {
+            "rgb": rng.integers(0, 256, (T + 1, 1, 16, 16, 3), dtype=np.uint8),
+            "state": state.astype(np.float32),
+            "actions": actions,
+            "success": np.bool_(True),
+            "seed": np.int64(i),
+        }
         np.savez_compressed(root / "episodes" / f"ep_{i:06d}.npz", **ep)
         episodes.append(ep)
     return episodes
@@ -83,8 +98,10 @@ def setup(tmp_path_factory):
 def _training_features(ds: EpisodeDataset, model: PARModel) -> list[tuple[np.ndarray, np.ndarray]]:
     """Frame hidden states ``[K_o, D]`` and Action-DiT condition ``[L, D]`` of every input block of every
     episode, in (episode, block) order, as the teacher-forced training pass hands them to the heads."""
-    items = [episode_blocks(ep, model.cfg, phase, 0, model.cfg.max_blocks)
-             for ep, (_, phase) in zip(ds.episodes, EPISODES, strict=True)]
+    items = [
+        episode_blocks(ep, model.cfg, phase, 0, model.cfg.max_blocks)
+        for ep, (_, phase) in zip(ds.episodes, EPISODES, strict=True)
+    ]
     batch = collate(items, ds.meta["instruction"])
     seen = {}
     frame_loss, action_loss = model.frame_head.loss, model.action_head.loss
@@ -170,8 +187,12 @@ def test_executed_chunk_is_validated(setup):
         policy.act(obs, executed=ep["actions"][:4])
     assert policy.steps_left == policy.spec.max_blocks  # refused before anything changed
     policy.act(obs)
-    for bad, match in ((ep["actions"][:3], "shape"), (ep["actions"][:4].astype(np.float64), "dtype"),
-                       (np.full((4, 4), np.inf, np.float32), "NaN or infinite"), (ep["actions"][:4].tolist(), "numpy")):
+    for bad, match in (
+        (ep["actions"][:3], "shape"),
+        (ep["actions"][:4].astype(np.float64), "dtype"),
+        (np.full((4, 4), np.inf, np.float32), "NaN or infinite"),
+        (ep["actions"][:4].tolist(), "numpy"),
+    ):
         with pytest.raises(InputError, match=match):
             policy.act(obs, executed=bad)
     assert policy.steps_left == policy.spec.max_blocks - 1

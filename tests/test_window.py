@@ -67,11 +67,18 @@ def test_slide_matches_the_training_view_of_the_window(slide_ckpt):
         n_cached = step + 1 if step < W else W // 2 + (step - W) % (W - W // 2) + 1
         window = inputs[-n_cached:]
         with torch.no_grad():
-            x = torch.cat([
-                m.embed_block(torch.from_numpy(r)[None], torch.from_numpy(s)[None], torch.from_numpy(a)[None],
-                              torch.tensor([f]))
-                for r, s, a, f in window
-            ], dim=1)  # [1, n*Bl, D]
+            x = torch.cat(
+                [
+                    m.embed_block(
+                        torch.from_numpy(r)[None],
+                        torch.from_numpy(s)[None],
+                        torch.from_numpy(a)[None],
+                        torch.tensor([f]),
+                    )
+                    for r, s, a, f in window
+                ],
+                dim=1,
+            )  # [1, n*Bl, D]
             h = m.hidden(m.text([spec.instructions[0]]), x)[:, -m.cfg.block_len :]  # [1, Bl, D]
             want = m.action_condition(h)[0].numpy()
         np.testing.assert_allclose(policy.last_action_cond, want, atol=2e-5, err_msg=f"step {step}")
@@ -79,8 +86,9 @@ def test_slide_matches_the_training_view_of_the_window(slide_ckpt):
 
 
 def test_engine_matches_reference_over_three_windows(slide_ckpt, tmp_path):
-    bundle = export_bundle(slide_ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4,
-                           progress=False).bundle_dir
+    bundle = export_bundle(
+        slide_ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4, progress=False
+    ).bundle_dir
     engine = runtime.load(bundle, "onnx", threads=1)
     assert engine.spec.overflow == "slide" and engine.bundle.manifest["cache"]["overflow"] == "slide"
     ref = TorchPolicy.from_pretrained(slide_ckpt, steps=4)

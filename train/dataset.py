@@ -56,8 +56,11 @@ class EpisodeDataset:
         """The config fields the data decides (embodiment, cameras, instruction)."""
         m = self.meta
         return {
-            "image_size": m["image_size"], "num_cameras": m["num_cameras"], "action_dim": m["action_dim"],
-            "state_dim": m["state_dim"], "instructions": (m["instruction"],),
+            "image_size": m["image_size"],
+            "num_cameras": m["num_cameras"],
+            "action_dim": m["action_dim"],
+            "state_dim": m["state_dim"],
+            "instructions": (m["instruction"],),
             "extra": {k: m[k] for k in ("task", "env_id", "control_mode", "max_episode_steps", "state_keys")},
         }
 
@@ -74,8 +77,11 @@ def episode_blocks(ep: Episode, cfg: PARConfig, phase: int, start: int, history:
     valid = (act_t >= phase) & (act_t < T)
     actions = ep.actions[np.clip(act_t, 0, T - 1)]  # [n, L, A]; padded entries masked
     return {
-        "rgb": ep.rgb[obs_t], "state": ep.state[obs_t], "actions": actions.astype(np.float32),
-        "action_valid": valid & (n_idx[:, None] > 0), "boa": n_idx == 0,
+        "rgb": ep.rgb[obs_t],
+        "state": ep.state[obs_t],
+        "actions": actions.astype(np.float32),
+        "action_valid": valid & (n_idx[:, None] > 0),
+        "boa": n_idx == 0,
     }
 
 
@@ -101,8 +107,17 @@ class BatchSampler:
     With ``world_size > 1`` rank r takes items r, r + world, ... of each global batch (DDP).
     """
 
-    def __init__(self, dataset: EpisodeDataset, cfg: PARConfig, batch_size: int, history: int, seed: int,
-                 phase_augment: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset: EpisodeDataset,
+        cfg: PARConfig,
+        batch_size: int,
+        history: int,
+        seed: int,
+        phase_augment: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.ds, self.cfg, self.batch_size, self.history = dataset, cfg, batch_size, history
         self.seed, self.phase_augment, self.rank, self.world = seed, phase_augment, rank, world_size
         self.position = 0  # global batches drawn so far

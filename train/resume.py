@@ -31,8 +31,11 @@ def rng_state() -> dict[str, Any]:
     """This process's torch / numpy / Python RNG states (torch's as a uint8 tensor, the rest JSON-ready)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "python": [version, list(internal), gauss]}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss],
+    }
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -56,8 +59,9 @@ def has_state(run: Path) -> bool:
     return False
 
 
-def save_state(run: Path, step: int, model: dict, ema: dict, optimizer: dict, sampler: dict,
-               rngs: list[dict[str, Any]]) -> None:
+def save_state(
+    run: Path, step: int, model: dict, ema: dict, optimizer: dict, sampler: dict, rngs: list[dict[str, Any]]
+) -> None:
     """Write the state atomically: tensors, then the JSON that names their sha256."""
     tensors = {f"model.{k}": v for k, v in model.items()} | {f"ema.{k}": v for k, v in ema.items()}
     opt_scalars: dict[str, dict[str, Any]] = {}
@@ -72,10 +76,15 @@ def save_state(run: Path, step: int, model: dict, ema: dict, optimizer: dict, sa
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(run / TENSORS_FILE) as tmp:
         save_file(tensors, str(tmp))
-    meta = {"format": FORMAT, "version": 1, "step": step, "sampler": sampler,
-            "optimizer": {"param_groups": optimizer["param_groups"], "scalars": opt_scalars},
-            "rng": [{k: v for k, v in r.items() if k != "torch"} for r in rngs],
-            "tensors_sha256": sha256_file(run / TENSORS_FILE)}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "step": step,
+        "sampler": sampler,
+        "optimizer": {"param_groups": optimizer["param_groups"], "scalars": opt_scalars},
+        "rng": [{k: v for k, v in r.items() if k != "torch"} for r in rngs],
+        "tensors_sha256": sha256_file(run / TENSORS_FILE),
+    }
     atomic_write(run / META_FILE, json.dumps(meta) + "\n")
 
 
@@ -89,8 +98,10 @@ def load_state(run: Path, rank: int, world: int) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError) as e:
         raise ResumeError(f"{meta_path}: not a readable training state ({e}); start a new run") from None
     if not tensor_path.is_file() or sha256_file(tensor_path) != meta.get("tensors_sha256"):
-        raise ResumeError(f"{tensor_path}: missing or does not match the sha256 in {META_FILE} (interrupted write "
-                          "or edited file); start a new run, or restore both files")
+        raise ResumeError(
+            f"{tensor_path}: missing or does not match the sha256 in {META_FILE} (interrupted write "
+            "or edited file); start a new run, or restore both files"
+        )
     try:
         t = load_file(str(tensor_path))
     except (SafetensorError, OSError) as e:
@@ -99,7 +110,7 @@ def load_state(run: Path, rank: int, world: int) -> dict[str, Any]:
         raise ResumeError(f"{meta_path}: the run was saved by {len(meta['rng'])} processes, resumed with {world}")
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
 
     opt_state: dict[int, dict[str, Any]] = {}
     for key, v in group("optimizer.").items():
@@ -107,6 +118,11 @@ def load_state(run: Path, rank: int, world: int) -> dict[str, Any]:
         opt_state.setdefault(int(idx), {})[name] = v
     for idx, scalars in meta["optimizer"]["scalars"].items():
         opt_state.setdefault(int(idx), {}).update(scalars)
-    return {"step": int(meta["step"]), "model": group("model."), "ema": group("ema."), "sampler": meta["sampler"],
-            "optimizer": {"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]},
-            "rng": {**meta["rng"][rank], "torch": t[f"rng.{rank}.torch"]}}
+    return {
+        "step": int(meta["step"]),
+        "model": group("model."),
+        "ema": group("ema."),
+        "sampler": meta["sampler"],
+        "optimizer": {"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]},
+        "rng": {**meta["rng"][rank], "torch": t[f"rng.{rank}.torch"]},
+    }

@@ -111,8 +111,14 @@ def _dist_info() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-small",
-          tc: TrainConfig | None = None, progress: bool = True, stop_at: int | None = None) -> Path | None:
+def train(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    preset_name: str = "cpu-small",
+    tc: TrainConfig | None = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> Path | None:
     """Train (or resume) a PAR model on a demonstration directory.
 
     Returns the final checkpoint path, or None when ``stop_at`` (a step count) ended this call early: the
@@ -140,16 +146,21 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name.endswith(("pos", "boa", "tokens", "mask_token")) else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(0.9, 0.95),
+    )
     sampler = BatchSampler(data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world)
     step = 0
 
     if has_state(run):  # exact resume
         tc_saved = json.loads((run / "train_config.json").read_text())
         if tc_saved != _tc_json(tc):
-            raise ConfigError(f"{run}: resuming with a different TrainConfig than the run was started with; "
-                              f"pass the options in {run / 'train_config.json'} or use a new --out")
+            raise ConfigError(
+                f"{run}: resuming with a different TrainConfig than the run was started with; "
+                f"pass the options in {run / 'train_config.json'} or use a new --out"
+            )
         st = load_state(run, rank, world)
         model.load_state_dict(st["model"])
         ema.shadow = st["ema"]
@@ -187,9 +198,15 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "cpu-sma
         episodes_done += len(batch["instructions"]) * world
         if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
             rate = episodes_done / (time.perf_counter() - t0)
-            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                   "episodes_per_s": rate, "elapsed_s": spent[0] + time.perf_counter() - t0,
-                   "cpu_s": spent[1] + time.process_time() - c0, **{k: float(v.detach()) for k, v in out.items()}}
+            rec = {
+                "step": step,
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": float(gnorm),
+                "episodes_per_s": rate,
+                "elapsed_s": spent[0] + time.perf_counter() - t0,
+                "cpu_s": spent[1] + time.process_time() - c0,
+                **{k: float(v.detach()) for k, v in out.items()},
+            }
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             bar.update(step, rec)
@@ -243,15 +260,22 @@ class _progress:
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"))
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
             self.task = self.bar.add_task("train", total=total, completed=done, info="")
             self.bar.start()
 
     def update(self, step: int, rec: dict) -> None:
         if self.bar:
-            info = (f"loss {rec['loss']:.4f} (frame {rec['frame_loss']:.4f}, action {rec['action_loss']:.4f}) "
-                    f"{rec['episodes_per_s']:.1f} ep/s")
+            info = (
+                f"loss {rec['loss']:.4f} (frame {rec['frame_loss']:.4f}, action {rec['action_loss']:.4f}) "
+                f"{rec['episodes_per_s']:.1f} ep/s"
+            )
             self.bar.update(self.task, completed=step, info=info)
 
     def close(self) -> None:

@@ -73,12 +73,22 @@ class EpisodeRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def crashed_job(cls, job: EpisodeJob, state_seed_base: int, stop_on_success: bool,
-                    reasons: Sequence[str]) -> EpisodeRecord:
+    def crashed_job(
+        cls, job: EpisodeJob, state_seed_base: int, stop_on_success: bool, reasons: Sequence[str]
+    ) -> EpisodeRecord:
         """The record of an episode whose worker crashed or hung on every attempt: a failure, flagged."""
-        return cls(job.index, job.state, state_seed_base + job.state, job.policy_seed,
-                   success_at_end=None if stop_on_success else False, crashed=True, attempts=len(reasons),
-                   retry_reasons=list(reasons), error=f"worker failed {len(reasons)} times: {reasons[-1]}", pid=None)
+        return cls(
+            job.index,
+            job.state,
+            state_seed_base + job.state,
+            job.policy_seed,
+            success_at_end=None if stop_on_success else False,
+            crashed=True,
+            attempts=len(reasons),
+            retry_reasons=list(reasons),
+            error=f"worker failed {len(reasons)} times: {reasons[-1]}",
+            pid=None,
+        )
 
 
 @dataclass
@@ -110,8 +120,17 @@ class Episode:
     out of the loop is fine). ``env`` has the ``ParEnv`` interface; ``policy`` the runtime's ``Policy`` one.
     """
 
-    def __init__(self, policy, env, *, instruction: str, env_seed: int, policy_seed: int, max_steps: int,
-                 stop_on_success: bool = False):
+    def __init__(
+        self,
+        policy,
+        env,
+        *,
+        instruction: str,
+        env_seed: int,
+        policy_seed: int,
+        max_steps: int,
+        stop_on_success: bool = False,
+    ):
         self.policy, self.env, self.instruction = policy, env, instruction
         self.env_seed, self.policy_seed, self.max_steps = env_seed, policy_seed, max_steps
         self.stop_on_success = stop_on_success
@@ -169,27 +188,43 @@ class Episode:
     def record(self, job: EpisodeJob, seconds: float) -> EpisodeRecord:
         act = self.act_ms
         return EpisodeRecord(
-            job.index, job.state, self.env_seed, job.policy_seed, success_once=self.success_once,
+            job.index,
+            job.state,
+            self.env_seed,
+            job.policy_seed,
+            success_once=self.success_once,
             success_at_end=None if self.stop_on_success else (self.last_success and self.error is None),
-            success_step=self.success_step, length=self.length, control_steps=len(act),
-            act_ms=[round(x, 3) for x in act], act_p50_ms=float(np.percentile(act, 50)) if act else None,
-            act_p90_ms=float(np.percentile(act, 90)) if act else None, error=self.error,
+            success_step=self.success_step,
+            length=self.length,
+            control_steps=len(act),
+            act_ms=[round(x, 3) for x in act],
+            act_p50_ms=float(np.percentile(act, 50)) if act else None,
+            act_p90_ms=float(np.percentile(act, 90)) if act else None,
+            error=self.error,
             first_chunk=None if self.first_chunk is None else self.first_chunk.tolist(),
             first_obs_sha1=obs_sha1(self.first_obs) if self.first_obs is not None else None,
-            trajectory_sha1=self.trajectory_sha1, pid=os.getpid(), seconds=seconds)
+            trajectory_sha1=self.trajectory_sha1,
+            pid=os.getpid(),
+            seconds=seconds,
+        )
 
 
 def check_compatible(spec, env, instruction: str) -> None:
     """Raise ``EvalError`` when the policy's inputs/outputs do not fit the environment."""
-    want = {"num_cameras": env.num_cameras, "image_size": env.image_size, "state_dim": env.state_dim,
-            "action_dim": env.action_dim}
+    want = {
+        "num_cameras": env.num_cameras,
+        "image_size": env.image_size,
+        "state_dim": env.state_dim,
+        "action_dim": env.action_dim,
+    }
     bad = {k: (getattr(spec, k), v) for k, v in want.items() if getattr(spec, k) != v}
     if bad:
         detail = ", ".join(f"{k}: policy {a} vs environment {b}" for k, (a, b) in bad.items())
         raise EvalError(f"the policy does not fit the environment ({detail}); check --task and --control-mode")
     if instruction not in spec.instructions:
-        raise EvalError(f"the policy does not know the task's instruction {instruction!r} (it knows "
-                        f"{list(spec.instructions)})")
+        raise EvalError(
+            f"the policy does not know the task's instruction {instruction!r} (it knows {list(spec.instructions)})"
+        )
 
 
 def _row(frames: np.ndarray) -> np.ndarray:
@@ -267,8 +302,15 @@ class EpisodeRunner:
         s, t_start = self.setup, time.perf_counter()
         env = self._fresh_env()
         try:
-            episode = Episode(self.policy, env, instruction=s.instruction, env_seed=s.state_seed_base + job.state,
-                              policy_seed=job.policy_seed, max_steps=s.max_steps, stop_on_success=s.stop_on_success)
+            episode = Episode(
+                self.policy,
+                env,
+                instruction=s.instruction,
+                env_seed=s.state_seed_base + job.state,
+                policy_seed=job.policy_seed,
+                max_steps=s.max_steps,
+                stop_on_success=s.stop_on_success,
+            )
             video = None
             for step in episode:
                 if s.video_dir is not None:

@@ -86,18 +86,38 @@ def episode_count(states: int | None, episodes: int | None, seeds: Sequence[int]
     if episodes is None:
         return (states or DEFAULT_STATES) * len(seeds)
     if states is not None and episodes > states * len(seeds):
-        raise EvalError(f"--episodes {episodes} is more than --states {states} x {len(seeds)} seeds; raise "
-                        f"--states to {-(-episodes // len(seeds))} or drop --episodes")
+        raise EvalError(
+            f"--episodes {episodes} is more than --states {states} x {len(seeds)} seeds; raise "
+            f"--states to {-(-episodes // len(seeds))} or drop --episodes"
+        )
     return episodes
 
 
-def protocol_dict(task: str, env_id: str, instruction: str, control_mode: str, image_size: int, max_steps: int,
-                  seeds: Sequence[int], state_seed_base: int, stop_on_success: bool) -> dict:
+def protocol_dict(
+    task: str,
+    env_id: str,
+    instruction: str,
+    control_mode: str,
+    image_size: int,
+    max_steps: int,
+    seeds: Sequence[int],
+    state_seed_base: int,
+    stop_on_success: bool,
+) -> dict:
     """What makes two evaluations comparable (a results file resumes only under the same protocol)."""
-    return {"task": task, "env_id": env_id, "instruction": instruction, "control_mode": control_mode,
-            "image_size": image_size, "max_steps": max_steps, "state_seed_base": state_seed_base,
-            "policy_seeds": list(seeds), "episode_order": EPISODE_ORDER, "stop_on_success": stop_on_success,
-            "isolation": ISOLATION}
+    return {
+        "task": task,
+        "env_id": env_id,
+        "instruction": instruction,
+        "control_mode": control_mode,
+        "image_size": image_size,
+        "max_steps": max_steps,
+        "state_seed_base": state_seed_base,
+        "policy_seeds": list(seeds),
+        "episode_order": EPISODE_ORDER,
+        "stop_on_success": stop_on_success,
+        "isolation": ISOLATION,
+    }
 
 
 def seed_globals(seed: int) -> None:

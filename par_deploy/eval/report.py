@@ -9,8 +9,9 @@ from par_deploy.eval.results import EvalResult, RunBook
 from par_deploy.eval.rollouts import InlineRollouts, ProcessPoolRollouts, Rollouts, RolloutSetup
 
 
-def run_with_progress(setup: RolloutSetup, book: RunBook, workers: int, timeout: float, max_retries: int, console,
-                      progress: bool) -> None:
+def run_with_progress(
+    setup: RolloutSetup, book: RunBook, workers: int, timeout: float, max_retries: int, console, progress: bool
+) -> None:
     """Run the book's remaining jobs on ``workers`` processes (0: this one), recording each, with a progress bar."""
     from rich.progress import (
         BarColumn,
@@ -26,8 +27,14 @@ def run_with_progress(setup: RolloutSetup, book: RunBook, workers: int, timeout:
         k = sum(r.success_once for r in recs)
         return f"success_once {k}/{len(recs)}" + (f" ({100 * k / len(recs):.0f}%)" if recs else "")
 
-    columns = (TextColumn(f"{setup.task} {book.label}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn(f"{setup.task} {book.label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress) as bar:
         bar_id = bar.add_task(book.label, total=book.total, completed=book.total - len(book.todo), rate=running())
 
@@ -39,8 +46,11 @@ def run_with_progress(setup: RolloutSetup, book: RunBook, workers: int, timeout:
 
         if not book.todo:
             return
-        rollouts: Rollouts = (InlineRollouts(setup) if workers == 0 else
-                              ProcessPoolRollouts(setup, workers, timeout, max_retries, log=console.log))
+        rollouts: Rollouts = (
+            InlineRollouts(setup)
+            if workers == 0
+            else ProcessPoolRollouts(setup, workers, timeout, max_retries, log=console.log)
+        )
         try:
             rollouts.run(book.todo, on_record)
         finally:
@@ -85,35 +95,49 @@ def _table(result: EvalResult):
     from rich.table import Table
 
     p, runs, c = result.protocol, list(result.runs.values()), result.compare
-    table = Table(title=f"{result.task}: {p['max_steps']} steps, seeds {p['policy_seeds']}, initial states from "
-                        f"seed {p['state_seed_base']}, {p['control_mode']}")
+    table = Table(
+        title=f"{result.task}: {p['max_steps']} steps, seeds {p['policy_seeds']}, initial states from "
+        f"seed {p['state_seed_base']}, {p['control_mode']}"
+    )
     table.add_column("")
     for run in runs:
-        table.add_column(f"{run.label}\n{run.policy['kind']}, {run.policy['sampler']}-{run.policy['steps']}",
-                         justify="right")
+        table.add_column(
+            f"{run.label}\n{run.policy['kind']}, {run.policy['sampler']}-{run.policy['steps']}", justify="right"
+        )
     blank = [""] if c else []
     if c:
         table.add_column(f"{c['a']} - {c['b']}", justify="right")
-        table.caption = (f"difference in points [95% CI, Newcombe, unpaired] (episodes only {c['a']} / only "
-                         f"{c['b']} succeeded)")
+        table.caption = (
+            f"difference in points [95% CI, Newcombe, unpaired] (episodes only {c['a']} / only {c['b']} succeeded)"
+        )
     sums = [r.summary for r in runs]
     table.add_row("episodes", *[str(s["episodes"]) for s in sums], *([str(c["paired_episodes"])] if c else []))
-    table.add_row("success_once [95% CI over rollouts]", *[_pct(s["success_once"]) for s in sums],
-                  *_diff(c, "success_once"))
+    table.add_row(
+        "success_once [95% CI over rollouts]", *[_pct(s["success_once"]) for s in sums], *_diff(c, "success_once")
+    )
     table.add_row("  95% CI over states: bootstrap / Wilson", *[_clustered(s["success_once"]) for s in sums], *blank)
-    table.add_row("success_at_end [95% CI over rollouts]", *[_pct(s["success_at_end"]) for s in sums],
-                  *_diff(c, "success_at_end"))
-    table.add_row("  95% CI over states: bootstrap / Wilson", *[_clustered(s["success_at_end"]) for s in sums],
-                  *blank)
+    table.add_row(
+        "success_at_end [95% CI over rollouts]", *[_pct(s["success_at_end"]) for s in sums], *_diff(c, "success_at_end")
+    )
+    table.add_row("  95% CI over states: bootstrap / Wilson", *[_clustered(s["success_at_end"]) for s in sums], *blank)
     table.add_row("first success step mean/min/max", *[_stats(s["success_step"]) for s in sums], *blank)
     table.add_row("length mean/min/max", *[_stats(s["length"]) for s in sums], *blank)
-    table.add_row("act ms p50 / p90", *[f"{s['act_ms']['p50']:.1f} / {s['act_ms']['p90']:.1f}"
-                                          if s["act_ms"]["p50"] is not None else "-" for s in sums], *blank)
+    table.add_row(
+        "act ms p50 / p90",
+        *[
+            f"{s['act_ms']['p50']:.1f} / {s['act_ms']['p90']:.1f}" if s["act_ms"]["p50"] is not None else "-"
+            for s in sums
+        ],
+        *blank,
+    )
     table.add_row("errors", *[_errors(s) for s in sums], *blank)
     table.add_row("wall s", *[f"{r.wall_seconds:.0f}" for r in runs], *blank)
     if c and c["first_chunk_max_abs_diff"] is not None:
-        table.add_row("first chunk max |diff|", *["" for _ in runs],
-                      f"{c['first_chunk_max_abs_diff']:.2e} ({c['first_chunk_compared']} ep.)")
+        table.add_row(
+            "first chunk max |diff|",
+            *["" for _ in runs],
+            f"{c['first_chunk_max_abs_diff']:.2e} ({c['first_chunk_compared']} ep.)",
+        )
     return table
 
 
@@ -127,8 +151,10 @@ def print_report(result: EvalResult, console=None) -> None:
     console.print(_table(result))
     c = result.compare
     if c and c["first_chunk_compared"] and c["first_obs_identical"] != c["first_chunk_compared"]:
-        console.print(f"[yellow]warning:[/] only {c['first_obs_identical']} of {c['first_chunk_compared']} episodes "
-                      "started from bit-identical observations in both runs; the chunk difference mixes in the "
-                      "simulator's")
+        console.print(
+            f"[yellow]warning:[/] only {c['first_obs_identical']} of {c['first_chunk_compared']} episodes "
+            "started from bit-identical observations in both runs; the chunk difference mixes in the "
+            "simulator's"
+        )
     if result.json_path:
         console.print(f"results: {result.json_path}")

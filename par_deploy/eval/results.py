@@ -45,9 +45,15 @@ def machine_info() -> dict[str, Any]:
     if env["VK_ICD_FILENAMES"]:
         env["VK_ICD_FILENAMES"] = os.pathsep.join(Path(p).name for p in env["VK_ICD_FILENAMES"].split(os.pathsep))
     return {
-        "hostname": platform.node(), "platform": platform.platform(), "machine": platform.machine(),
-        "processor": platform.processor(), "cpu_count": os.cpu_count(), "loadavg": load,
-        "python": sys.version.split()[0], "packages": versions, "env": env,
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": load,
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "env": env,
     }
 
 
@@ -74,19 +80,23 @@ def _read_results(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise EvalMismatch(f"{path}: exists but is not a readable results file ({e}); "
-                           "move it or use another --json") from None
+        raise EvalMismatch(
+            f"{path}: exists but is not a readable results file ({e}); move it or use another --json"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         fmt = doc.get("format") if isinstance(doc, dict) else None
         raise EvalMismatch(f"{path}: not a par-deploy evaluation file (format {fmt!r}); use another --json path")
     if doc.get("version") != VERSION:
-        raise EvalMismatch(f"{path}: results format version {doc.get('version')!r}, this par-deploy writes "
-                           f"{VERSION} (episodes isolated since version 2); use another --json path")
+        raise EvalMismatch(
+            f"{path}: results format version {doc.get('version')!r}, this par-deploy writes "
+            f"{VERSION} (episodes isolated since version 2); use another --json path"
+        )
     return doc
 
 
-def load_resume(path: str | os.PathLike | None, protocol: dict[str, Any],
-                policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def load_resume(
+    path: str | os.PathLike | None, protocol: dict[str, Any], policies: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The results document to continue: a new one, or ``path``'s after checking that it was written for the
     same protocol and, for each label in ``policies``, the same policy identity (else ``EvalMismatch``)."""
     if path is None or not Path(path).exists():
@@ -94,13 +104,17 @@ def load_resume(path: str | os.PathLike | None, protocol: dict[str, Any],
     path = Path(path)
     doc = _read_results(path)
     if doc.get("protocol") != protocol:
-        raise EvalMismatch(f"{path} was written for another evaluation protocol ({_diff(doc['protocol'], protocol)});"
-                           " use another --json path to keep both")
+        raise EvalMismatch(
+            f"{path} was written for another evaluation protocol ({_diff(doc['protocol'], protocol)});"
+            " use another --json path to keep both"
+        )
     for label, identity in policies.items():
         run = doc.get("runs", {}).get(label)
         if run is not None and run.get("policy") != identity:
-            raise EvalMismatch(f"{path}: its {label!r} run evaluated another policy "
-                               f"({_diff(run.get('policy') or {}, identity)}); use another --json path")
+            raise EvalMismatch(
+                f"{path}: its {label!r} run evaluated another policy "
+                f"({_diff(run.get('policy') or {}, identity)}); use another --json path"
+            )
     doc.setdefault("runs", {})
     return doc
 
@@ -142,8 +156,15 @@ class EvalResult:
 class RunBook:
     """The records of one run inside the results document; saves the document after every episode."""
 
-    def __init__(self, doc: dict[str, Any], label: str, identity: dict[str, Any], described: dict[str, Any],
-                 jobs: Sequence[EpisodeJob], json_path: Path | None):
+    def __init__(
+        self,
+        doc: dict[str, Any],
+        label: str,
+        identity: dict[str, Any],
+        described: dict[str, Any],
+        jobs: Sequence[EpisodeJob],
+        json_path: Path | None,
+    ):
         self.doc, self.label, self.json_path = doc, label, json_path
         self.run = doc["runs"].setdefault(label, {"policy": identity, "episodes": [], "wall_seconds": 0.0})
         self.run["source"] = described

@@ -66,8 +66,9 @@ class RolloutSetup:
 
     def make_env(self):
         factory = self.env_factory or _default_env_factory
-        return factory(self.task, control_mode=self.control_mode, image_size=self.image_size,
-                       max_episode_steps=self.max_steps)
+        return factory(
+            self.task, control_mode=self.control_mode, image_size=self.image_size, max_episode_steps=self.max_steps
+        )
 
     def crash_record(self, job: EpisodeJob, reasons: Sequence[str]) -> EpisodeRecord:
         return EpisodeRecord.crashed_job(job, self.state_seed_base, self.stop_on_success, reasons)
@@ -171,8 +172,14 @@ class ProcessPoolRollouts:
     Each worker gets ``OMP_NUM_THREADS=<policy threads>`` and ``LP_NUM_THREADS=0`` (single-threaded lavapipe:
     one core per worker) unless those variables are already set. ``STARTUP_TIMEOUT`` bounds a worker's start."""
 
-    def __init__(self, setup: RolloutSetup, workers: int = 1, timeout: float = DEFAULT_TIMEOUT,
-                 max_retries: int = DEFAULT_RETRIES, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        setup: RolloutSetup,
+        workers: int = 1,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_RETRIES,
+        log: Callable[[str], None] | None = None,
+    ):
         if workers < 1:
             raise EvalError(f"workers must be >= 1, got {workers}")
         self.setup, self.workers, self.timeout, self.max_retries = setup, workers, timeout, max_retries
@@ -267,8 +274,10 @@ class ProcessPoolRollouts:
         if debug():
             self.log(trace.rstrip())
         fix = "" if is_par_error else "; run with --workers 0 (or PAR_DEBUG=1) to see the traceback"
-        raise EvalError(f"{self.setup.label} worker could not load {self.setup.policy.name} or the "
-                        f"{self.setup.task} environment: {message}{fix}")
+        raise EvalError(
+            f"{self.setup.label} worker could not load {self.setup.policy.name} or the "
+            f"{self.setup.task} environment: {message}{fix}"
+        )
 
     def _fail(self, slot: _Slot, reason: str) -> None:
         """Kill the worker, re-queue (or record as crashed) its job, restart it when work is left."""

@@ -41,8 +41,7 @@ class _Task:
     max_steps: int
 
 
-def _check_task(task: str, source: PolicySource, max_steps: int | None, control_mode: str | None,
-                console) -> _Task:
+def _check_task(task: str, source: PolicySource, max_steps: int | None, control_mode: str | None, console) -> _Task:
     from par_deploy.sim.env import TASKS
 
     if task not in TASKS:
@@ -51,23 +50,36 @@ def _check_task(task: str, source: PolicySource, max_steps: int | None, control_
     if info.task not in (None, task):
         raise EvalError(f"{source.name} was trained on {info.task} (config extra.task), not {task}")
     if spec.instruction not in info.spec.instructions:
-        raise EvalError(f"{source.name}: the policy does not know {task}'s instruction {spec.instruction!r} "
-                        f"(it knows {list(info.spec.instructions)})")
+        raise EvalError(
+            f"{source.name}: the policy does not know {task}'s instruction {spec.instruction!r} "
+            f"(it knows {list(info.spec.instructions)})"
+        )
     max_steps = int(max_steps or spec.max_episode_steps)
     p = info.spec
     if p.overflow != "slide" and p.max_blocks < -(-max_steps // p.chunk_len):
-        console.print(f"[yellow]warning:[/] the policy's KV-cache holds {p.max_blocks} control steps = "
-                      f"{p.max_blocks * p.chunk_len} env steps < the limit {max_steps}: "
-                      "episodes will end with CacheFullError (recorded as failures)")
-    return _Task(task, spec.env_id, spec.instruction, control_mode or info.control_mode or "pd_ee_delta_pos",
-                 p.image_size, max_steps)
+        console.print(
+            f"[yellow]warning:[/] the policy's KV-cache holds {p.max_blocks} control steps = "
+            f"{p.max_blocks * p.chunk_len} env steps < the limit {max_steps}: "
+            "episodes will end with CacheFullError (recorded as failures)"
+        )
+    return _Task(
+        task,
+        spec.env_id,
+        spec.instruction,
+        control_mode or info.control_mode or "pd_ee_delta_pos",
+        p.image_size,
+        max_steps,
+    )
 
 
-def _check_args(episodes: int, workers: int, max_steps: int | None, timeout: float, max_retries: int,
-                video_dir) -> None:
+def _check_args(
+    episodes: int, workers: int, max_steps: int | None, timeout: float, max_retries: int, video_dir
+) -> None:
     if episodes < 1 or workers < 0 or (max_steps is not None and max_steps < 1) or timeout <= 0 or max_retries < 0:
-        raise EvalError(f"need episodes >= 1 ({episodes}), workers >= 0 ({workers}), max_steps >= 1 ({max_steps}), "
-                        f"timeout > 0 ({timeout}), max_retries >= 0 ({max_retries})")
+        raise EvalError(
+            f"need episodes >= 1 ({episodes}), workers >= 0 ({workers}), max_steps >= 1 ({max_steps}), "
+            f"timeout > 0 ({timeout}), max_retries >= 0 ({max_retries})"
+        )
     if video_dir is not None:
         try:
             import imageio.v2  # noqa: F401
@@ -120,28 +132,56 @@ def evaluate(
     t = _check_task(task, policy_spec, max_steps, control_mode, console)
     policies = _labelled(policy_spec, reference)
     identities = {label: p.identity() for label, p in policies.items()}
-    protocol = protocol_dict(t.name, t.env_id, t.instruction, t.control_mode, t.image_size, t.max_steps, seeds,
-                             state_seed_base, stop_on_success)
+    protocol = protocol_dict(
+        t.name,
+        t.env_id,
+        t.instruction,
+        t.control_mode,
+        t.image_size,
+        t.max_steps,
+        seeds,
+        state_seed_base,
+        stop_on_success,
+    )
     json_path = Path(json_path) if json_path is not None else None
     doc = load_resume(json_path, protocol, identities)
     doc["machine"], doc["command"] = machine_info(), command
-    doc["arguments"] = {"task": task, "policy": policy_spec.describe(),
-                        "reference": reference.describe() if reference else None, "episodes": episodes,
-                        "seeds": list(seeds), "workers": workers, "max_steps": t.max_steps, "timeout": timeout,
-                        "max_retries": max_retries, "video_dir": _portable(video_dir),
-                        "json_path": _portable(json_path)}
+    doc["arguments"] = {
+        "task": task,
+        "policy": policy_spec.describe(),
+        "reference": reference.describe() if reference else None,
+        "episodes": episodes,
+        "seeds": list(seeds),
+        "workers": workers,
+        "max_steps": t.max_steps,
+        "timeout": timeout,
+        "max_retries": max_retries,
+        "video_dir": _portable(video_dir),
+        "json_path": _portable(json_path),
+    }
     jobs = episode_jobs(episodes, seeds)
     result = EvalResult(task, protocol, {}, json_path=str(json_path) if json_path else None)
     for label, source in policies.items():
-        setup = RolloutSetup(task=task, policy=source, instruction=t.instruction, control_mode=t.control_mode,
-                             image_size=t.image_size, max_steps=t.max_steps, state_seed_base=state_seed_base,
-                             stop_on_success=stop_on_success, video_dir=str(video_dir) if video_dir else None,
-                             label=label, env_factory=env_factory)
+        setup = RolloutSetup(
+            task=task,
+            policy=source,
+            instruction=t.instruction,
+            control_mode=t.control_mode,
+            image_size=t.image_size,
+            max_steps=t.max_steps,
+            state_seed_base=state_seed_base,
+            stop_on_success=stop_on_success,
+            video_dir=str(video_dir) if video_dir else None,
+            label=label,
+            env_factory=env_factory,
+        )
         book = RunBook(doc, label, identities[label], source.describe(), jobs, json_path)
         result.skipped[label] = len(jobs) - len(book.todo)
         if book.todo:
-            console.log(f"{task} {label}: {len(book.todo)} episodes to run, {result.skipped[label]} already "
-                        f"recorded; {f'{workers} worker process(es)' if workers else 'in this process'}")
+            console.log(
+                f"{task} {label}: {len(book.todo)} episodes to run, {result.skipped[label]} already "
+                f"recorded; {f'{workers} worker process(es)' if workers else 'in this process'}"
+            )
         run_with_progress(setup, book, workers, timeout, max_retries, console, progress)
         book.save()
         result.runs[label] = book.result()
@@ -169,14 +209,27 @@ def _command(args: dict[str, Any]) -> dict[str, Any]:
     from par_deploy.eval.results import portable_argv
 
     plain = (str, int, float, bool, type(None), list, tuple)
-    out = {k: (_portable(v) if isinstance(v, os.PathLike) else v) for k, v in args.items()
-           if isinstance(v, plain + (os.PathLike,))}
+    out = {
+        k: (_portable(v) if isinstance(v, os.PathLike) else v)
+        for k, v in args.items()
+        if isinstance(v, plain + (os.PathLike,))
+    }
     out["argv"] = portable_argv(sys.argv)
     return out
 
 
-def _sources(task: str, engine, checkpoint, compare: bool, backend: str, sampler, steps, threads: int,
-             console, server: str | None = None) -> tuple[PolicySource, PolicySource | None, str | None]:
+def _sources(
+    task: str,
+    engine,
+    checkpoint,
+    compare: bool,
+    backend: str,
+    sampler,
+    steps,
+    threads: int,
+    console,
+    server: str | None = None,
+) -> tuple[PolicySource, PolicySource | None, str | None]:
     """The policy (and reference) ``run_eval`` evaluates, and a note saying which were resolved for the task."""
     note = None
     if server is not None:
@@ -231,12 +284,35 @@ def run_eval(
 
     seeds = parse_seeds(seeds)
     n = episode_count(states, episodes, seeds)
-    policy, reference, note = _sources(task, engine, checkpoint, compare, backend, sampler, steps, threads,
-                                       Console(stderr=True, quiet=not progress), server)
-    result = evaluate(task, policy, episodes=n, seeds=seeds, workers=workers, json_path=json_path,
-                      video_dir=video_dir, max_steps=max_steps, control_mode=control_mode, reference=reference,
-                      stop_on_success=stop_on_success, timeout=timeout, state_seed_base=seed_base, command=command,
-                      progress=progress)
+    policy, reference, note = _sources(
+        task,
+        engine,
+        checkpoint,
+        compare,
+        backend,
+        sampler,
+        steps,
+        threads,
+        Console(stderr=True, quiet=not progress),
+        server,
+    )
+    result = evaluate(
+        task,
+        policy,
+        episodes=n,
+        seeds=seeds,
+        workers=workers,
+        json_path=json_path,
+        video_dir=video_dir,
+        max_steps=max_steps,
+        control_mode=control_mode,
+        reference=reference,
+        stop_on_success=stop_on_success,
+        timeout=timeout,
+        state_seed_base=seed_base,
+        command=command,
+        progress=progress,
+    )
     result.policy_note = note
     print_report(result)
     return result

@@ -36,9 +36,16 @@ class SourceInfo:
     def from_config(cls, cfg: dict[str, Any]) -> SourceInfo:
         """From a model config dict (``config.json`` or a bundle manifest's ``config``)."""
         extra = cfg.get("extra") or {}
-        spec = PolicySpec(int(cfg["num_cameras"]), int(cfg["image_size"]), int(cfg["state_dim"]),
-                          int(cfg["action_dim"]), int(cfg["chunk_len"]), int(cfg["max_blocks"]),
-                          tuple(cfg["instructions"]), cfg.get("overflow", "error"))
+        spec = PolicySpec(
+            int(cfg["num_cameras"]),
+            int(cfg["image_size"]),
+            int(cfg["state_dim"]),
+            int(cfg["action_dim"]),
+            int(cfg["chunk_len"]),
+            int(cfg["max_blocks"]),
+            tuple(cfg["instructions"]),
+            cfg.get("overflow", "error"),
+        )
         return cls(spec, extra.get("task"), extra.get("control_mode"))
 
 
@@ -105,8 +112,12 @@ class CheckpointSource(PolicySource):
         from par_deploy.runtime.bundle import checkpoint_digest
 
         cfg = self.config()
-        return {"kind": "checkpoint", "checkpoint_hash": checkpoint_digest(self.path),
-                "sampler": self.sampler or cfg["sampler"], "steps": int(self.steps or cfg["sample_steps"])}
+        return {
+            "kind": "checkpoint",
+            "checkpoint_hash": checkpoint_digest(self.path),
+            "sampler": self.sampler or cfg["sampler"],
+            "steps": int(self.steps or cfg["sample_steps"]),
+        }
 
     def load(self):
         import torch
@@ -139,8 +150,14 @@ class EngineSource(PolicySource):
 
     def identity(self) -> dict[str, Any]:
         m = self.manifest()
-        return {"kind": "engine", "checkpoint_hash": m["checkpoint_hash"], "backend": self.backend,
-                "precision": m["precision"], "sampler": m["sampler"]["kind"], "steps": int(m["sampler"]["steps"])}
+        return {
+            "kind": "engine",
+            "checkpoint_hash": m["checkpoint_hash"],
+            "backend": self.backend,
+            "precision": m["precision"],
+            "sampler": m["sampler"]["kind"],
+            "steps": int(m["sampler"]["steps"]),
+        }
 
     def load(self):
         from par_deploy.runtime import load
@@ -179,8 +196,14 @@ class ServerSource(PolicySource):
 
     def identity(self) -> dict[str, Any]:
         h = self.hello()  # the same engine as in-process: results resume and compare across the two
-        return {"kind": "engine", "checkpoint_hash": h.get("checkpoint_hash"), "backend": h.get("backend"),
-                "precision": h.get("precision"), "sampler": h.get("sampler"), "steps": int(h["denoise_steps"])}
+        return {
+            "kind": "engine",
+            "checkpoint_hash": h.get("checkpoint_hash"),
+            "backend": h.get("backend"),
+            "precision": h.get("precision"),
+            "sampler": h.get("sampler"),
+            "steps": int(h["denoise_steps"]),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {**self.identity(), "server": self.url, "path": None, "threads": self.threads}
@@ -210,5 +233,6 @@ def reference_for(engine: EngineSource, checkpoint: str | os.PathLike | None = N
             f"{checkpoint} is not the checkpoint {engine.path} was exported from (sha256 {digest[:12]}... vs "
             f"{m['checkpoint_hash'][:12]}... in the manifest); a comparison would be meaningless"
         )
-    return CheckpointSource(str(checkpoint), sampler=m["sampler"]["kind"], steps=int(m["sampler"]["steps"]),
-                            threads=engine.threads)
+    return CheckpointSource(
+        str(checkpoint), sampler=m["sampler"]["kind"], steps=int(m["sampler"]["steps"]), threads=engine.threads
+    )

@@ -54,8 +54,9 @@ def newcombe_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tup
     return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
-def cluster_bootstrap_interval(successes: Sequence[int], trials: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES,
-                               seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+def cluster_bootstrap_interval(
+    successes: Sequence[int], trials: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> tuple[float, float]:
     """Percentile interval (95%) of the pooled rate ``sum(k) / sum(n)`` when whole clusters (initial states, with
     ``successes[c]`` of ``trials[c]`` rollouts each) are resampled with replacement; ``(nan, nan)`` for fewer
     than two clusters. Deterministic: a fixed ``seed``."""
@@ -81,9 +82,15 @@ def rate(outcomes: Sequence[tuple[int, bool]]) -> dict[str, Any] | None:
     ns = [len(v) for v in by_state.values()]
     per_state = sum(a / b for a, b in zip(ks, ns, strict=True))
     boot = cluster_bootstrap_interval(ks, ns)
-    return {"successes": k, "n": n, "rate": k / n, "ci95": list(wilson_interval(k, n)), "states": len(ks),
-            "ci95_bootstrap": None if math.isnan(boot[0]) else list(boot),
-            "ci95_states": list(wilson_interval(min(per_state, len(ks)), len(ks)))}
+    return {
+        "successes": k,
+        "n": n,
+        "rate": k / n,
+        "ci95": list(wilson_interval(k, n)),
+        "states": len(ks),
+        "ci95_bootstrap": None if math.isnan(boot[0]) else list(boot),
+        "ci95_states": list(wilson_interval(min(per_state, len(ks)), len(ks))),
+    }
 
 
 def _stats(values: Sequence[float]) -> dict[str, float] | None:
@@ -96,8 +103,13 @@ def _stats(values: Sequence[float]) -> dict[str, float] | None:
 def _latency(act: Sequence[float]) -> dict[str, Any]:
     if not act:
         return {"calls": 0, "p50": None, "p90": None, "mean": None, "max": None}
-    return {"calls": len(act), "p50": float(np.percentile(act, 50)), "p90": float(np.percentile(act, 90)),
-            "mean": float(np.mean(act)), "max": float(np.max(act))}
+    return {
+        "calls": len(act),
+        "p50": float(np.percentile(act, 50)),
+        "p90": float(np.percentile(act, 90)),
+        "mean": float(np.mean(act)),
+        "max": float(np.max(act)),
+    }
 
 
 def summarize(records: Sequence[EpisodeRecord]) -> dict[str, Any]:
@@ -128,9 +140,14 @@ def _paired_metric(pairs: Sequence[tuple[EpisodeRecord, EpisodeRecord]], metric:
     if not ps:
         return None
     k1, k2, n = sum(a for a, _ in ps), sum(b for _, b in ps), len(ps)
-    return {"a": k1 / n, "b": k2 / n, "difference": (k1 - k2) / n,
-            "ci95_unpaired": list(newcombe_interval(k1, n, k2, n)),
-            "only_a": sum(a and not b for a, b in ps), "only_b": sum(b and not a for a, b in ps)}
+    return {
+        "a": k1 / n,
+        "b": k2 / n,
+        "difference": (k1 - k2) / n,
+        "ci95_unpaired": list(newcombe_interval(k1, n, k2, n)),
+        "only_a": sum(a and not b for a, b in ps),
+        "only_b": sum(b and not a for a, b in ps),
+    }
 
 
 def compare_runs(a: Sequence[EpisodeRecord], b: Sequence[EpisodeRecord]) -> dict[str, Any]:

@@ -237,8 +237,9 @@ class FrameDetokenizer(nn.Module):
         return _diffusion_loss(eps.view_as(x0), noise, w)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, sampler: SamplerSchedule, noise: torch.Tensor,
-               order: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, cond: torch.Tensor, sampler: SamplerSchedule, noise: torch.Tensor, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Set-by-set prediction. cond ``[M, K_o, D]``; noise ``[K+1, M, K, C]`` (K = ``target_tokens``);
         order: a permutation of the K tokens."""
         M, K = cond.shape[0], self.cfg.target_tokens
@@ -345,8 +346,9 @@ class ActionDiT(nn.Module):
         shift, scale = self.ada(c).unsqueeze(1).chunk(2, dim=-1)
         return self.out(modulate(self.norm(h), shift, scale))
 
-    def loss(self, cond: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, schedule: TrainSchedule,
-             generator=None) -> torch.Tensor:
+    def loss(
+        self, cond: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, schedule: TrainSchedule, generator=None
+    ) -> torch.Tensor:
         """cond ``[M, Lc, D]``, target ``[M, L, A]``, valid bool ``[M, L]``; t drawn ``diffusion_batch_mul`` times."""
         rep = self.cfg.diffusion_batch_mul
         ck, cv = self.condition(cond)

@@ -24,6 +24,7 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     if schedule == "linear":
         return torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
     if schedule == "squaredcos_cap_v2":
+
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -39,8 +40,9 @@ class TrainSchedule:
         self.timesteps = timesteps
         self.alphas_cumprod = torch.cumprod(1 - make_betas(schedule, timesteps), 0)  # float64 [T]
 
-    def sample_t(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
+    def sample_t(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
         return torch.randint(0, self.timesteps, shape, generator=generator, device=device)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

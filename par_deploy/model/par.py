@@ -51,7 +51,8 @@ class PARModel(nn.Module):
         self.action_tok = ActionTokenizer(cfg)
         self.boa = nn.Parameter(torch.randn(cfg.chunk_len, cfg.dim) * 0.02)
         self.transformer = (
-            None if cfg.variant == "noar"
+            None
+            if cfg.variant == "noar"
             else CausalTransformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.block_norm, cfg.activation)
         )
         self.rope = BlockRope(cfg)
@@ -64,8 +65,9 @@ class PARModel(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # tokens
 
-    def embed_block(self, rgb: torch.Tensor, state: torch.Tensor | None, actions: torch.Tensor,
-                    boa: torch.Tensor) -> torch.Tensor:
+    def embed_block(
+        self, rgb: torch.Tensor, state: torch.Tensor | None, actions: torch.Tensor, boa: torch.Tensor
+    ) -> torch.Tensor:
         """rgb uint8 ``[..., V, H, W, 3]``, state ``[..., S]``, actions ``[..., L, A]``, boa bool ``[...]``
         -> block tokens ``[..., Bl, D]`` (frame tokens; state token; action tokens or BOA)."""
         lead = rgb.shape[:-4]
@@ -118,8 +120,10 @@ class PARModel(nn.Module):
         """
         cfg = self.cfg
         if self.frame_head is None:
-            raise ConfigError("this is a deployment checkpoint without the frame de-tokenizer (config.frame_head "
-                              "false): train from the full checkpoint it was made from")
+            raise ConfigError(
+                "this is a deployment checkpoint without the frame de-tokenizer (config.frame_head "
+                "false): train from the full checkpoint it was made from"
+            )
         rgb, actions = batch["rgb"], batch["actions"]
         check_rgb(rgb, cfg, "batch['rgb']")
         B, N = rgb.shape[0], rgb.shape[1] - 1
@@ -200,8 +204,9 @@ class PARModel(nn.Module):
         """cond ``[B, Lc, D]``; noise ``[K+1, B, L, A]`` -> normalised actions ``[B, L, A]``."""
         return self.action_head.sample(cond, sampler, noise)
 
-    def predict_frame(self, h_frames: torch.Tensor, sampler: SamplerSchedule, noise: torch.Tensor,
-                      order: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_frame(
+        self, h_frames: torch.Tensor, sampler: SamplerSchedule, noise: torch.Tensor, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Frame-part hidden ``[B, K_o, D]`` -> predicted next frame, uint8 ``[B, V, H, W, 3]``."""
         if self.frame_head is None:
             raise ConfigError("this deployment checkpoint has no frame de-tokenizer (config.frame_head false)")

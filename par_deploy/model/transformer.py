@@ -81,8 +81,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks with a final norm. Bidirectional (mask None) unless given a mask."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, norm: str = "pre",
-                 activation: str = "gelu_tanh"):
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_ratio: float, norm: str = "pre", activation: str = "gelu_tanh"
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, norm, activation) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -96,8 +97,9 @@ class Transformer(nn.Module):
 class CausalTransformer(Transformer):
     """The temporal backbone (NOVA's video encoder): block-causal mask and RoPE over time."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, norm: str = "pre",
-                 activation: str = "gelu_tanh"):
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_ratio: float, norm: str = "pre", activation: str = "gelu_tanh"
+    ):
         super().__init__(dim, depth, heads, mlp_ratio, norm, activation)
         self.heads, self.head_dim = heads, dim // heads
 

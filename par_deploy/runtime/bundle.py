@@ -51,9 +51,7 @@ TEXT_PREFIX_FILE = "text_prefix.npz"
 BACKENDS = ("onnx", "torchscript", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # int8: ONNX Runtime (par_deploy.export.precision)
 SAMPLER_GRAPHS = ("unrolled", "loop")
-UNROLL_MAX_STEPS = (
-    16  # larger K uses the condition + denoise-step loop (export time and graph size grow with K)
-)
+UNROLL_MAX_STEPS = 16  # larger K uses the condition + denoise-step loop (export time and graph size grow with K)
 ENGINE_DIRS = {"onnx": "onnx", "torchscript": "torchscript", "tensorrt": "tensorrt"}
 ENGINE_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "tensorrt": ".plan"}
 
@@ -183,10 +181,7 @@ def tensorrt_profiles(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[tup
 
     Every shape is static, so min = opt = max = the manifest's shape (one profile per engine).
     """
-    return {
-        g: {t["name"]: (tuple(t["shape"]),) * 3 for t in spec["inputs"]}
-        for g, spec in manifest["graphs"].items()
-    }
+    return {g: {t["name"]: (tuple(t["shape"]),) * 3 for t in spec["inputs"]} for g, spec in manifest["graphs"].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,9 +216,7 @@ def checkpoint_digest(path: str | Path) -> str:
     for name in ("config.json", "model.safetensors", "normalization.json"):
         p = Path(path) / name
         if not p.is_file():
-            raise BundleError(
-                f"{p}: missing checkpoint file (cannot check which checkpoint a bundle was built from)"
-            )
+            raise BundleError(f"{p}: missing checkpoint file (cannot check which checkpoint a bundle was built from)")
         h.update(name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()
@@ -300,16 +293,12 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     try:
         m = json.loads(path.read_text())
     except FileNotFoundError:
-        raise BundleError(
-            f"{path}: missing bundle manifest; export the bundle with par_deploy.export"
-        ) from None
+        raise BundleError(f"{path}: missing bundle manifest; export the bundle with par_deploy.export") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise BundleError(
-            f"{path}: not a par-deploy bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})"
-        )
+        raise BundleError(f"{path}: not a par-deploy bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})")
     version = m.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise BundleError(f"{path}: invalid format_version {version!r}")
@@ -348,9 +337,7 @@ def _verify_file(root: Path, entry: dict[str, Any], what: str) -> None:
         )
 
 
-def open_bundle(
-    bundle_dir: str | Path, backend: str | None = None, checkpoint: str | Path | None = None
-) -> Bundle:
+def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: str | Path | None = None) -> Bundle:
     """Verify a bundle and return it.
 
     Checks: manifest format and version; the config parses and the manifest's cache sizes and graph signatures
@@ -395,10 +382,7 @@ def open_bundle(
             f"{mpath}: cache overflow policy {cache.get('overflow')!r} disagrees with the model config's "
             f"{cfg.overflow!r}; re-export the bundle"
         )
-    if (
-        len(sampler.get("timesteps", [])) != sampler["steps"]
-        or len(sampler.get("coeffs", [])) != sampler["steps"]
-    ):
+    if len(sampler.get("timesteps", [])) != sampler["steps"] or len(sampler.get("coeffs", [])) != sampler["steps"]:
         raise BundleError(f"{mpath}: sampler timesteps/coefficients do not have {sampler['steps']} entries")
     if list(m["text_prefix"].get("instructions", [])) != list(cfg.instructions):
         raise BundleError(f"{mpath}: text prefix instructions differ from the config's instructions")
@@ -407,9 +391,7 @@ def open_bundle(
     except (ParError, ValueError) as e:
         raise BundleError(str(e)) from None
     if normalizer.action_dim != cfg.action_dim or normalizer.state_dim != cfg.state_dim:
-        raise BundleError(
-            f"{mpath}: normalisation statistics do not match action_dim/state_dim of the config"
-        )
+        raise BundleError(f"{mpath}: normalisation statistics do not match action_dim/state_dim of the config")
     _verify_file(root, m["text_prefix"], "text prefix")
     if backend is not None:
         if backend not in BACKENDS:
@@ -419,11 +401,7 @@ def open_bundle(
                 f"{mpath}: the bundle has no {backend} engines (it has: "
                 f"{', '.join(m['backends']) or 'none'}); "
                 f"export it with backends=(..., {backend!r})"
-                + (
-                    " or build them with python -m par_deploy.export.tensorrt"
-                    if backend == "tensorrt"
-                    else ""
-                )
+                + (" or build them with python -m par_deploy.export.tensorrt" if backend == "tensorrt" else "")
             )
         verify_engine_files(root, m, backend)
     return Bundle(root, m, cfg, normalizer, expected)
@@ -434,9 +412,7 @@ def verify_engine_files(root: Path, manifest: dict[str, Any], backend: str) -> N
     mpath = root / MANIFEST_FILE
     engines = manifest["engines"].get(backend) or {}
     if set(engines) != set(manifest["graphs"]):
-        raise BundleError(
-            f"{mpath}: {backend} engines {sorted(engines)} != graphs {sorted(manifest['graphs'])}"
-        )
+        raise BundleError(f"{mpath}: {backend} engines {sorted(engines)} != graphs {sorted(manifest['graphs'])}")
     for graph, entry in engines.items():
         _verify_file(root, entry, f"{backend} engine for graph {graph!r}")
         for extra in entry.get("external_data", []):

@@ -49,8 +49,9 @@ DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 def create_session(path, so, providers: list[str] | None = None):
     """An ``InferenceSession`` as the runtime creates it (``DISABLED_OPTIMIZERS`` off)."""
     ort = _import_ort()
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    return ort.InferenceSession(
+        str(path), so, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
+    )
 
 
 def session_options(threads: int | None):
@@ -83,9 +84,7 @@ class OnnxPolicy(BundlePolicy):
 
     backend = "onnx"
 
-    def __init__(
-        self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None
-    ):
+    def __init__(self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None):
         if bundle.precision not in ONNX_PRECISIONS:
             raise BackendUnavailable(
                 f"{bundle.path}: bundle precision is {bundle.precision}; the ONNX Runtime CPU backend runs "
@@ -155,9 +154,7 @@ class OnnxPolicy(BundlePolicy):
             cache.fill(0.0)
             cache[:, :, :, :Kt] = pre
 
-    def step_block(
-        self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int
-    ) -> None:
+    def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the cache; fills the ``action_cond`` / ``frame_hidden`` buffers."""
         b = self.buffers
         b["rgb"][0] = rgb
@@ -185,7 +182,6 @@ class OnnxPolicy(BundlePolicy):
             b["z"][0] = noise[k + 1]
             self._run("denoise_even" if k % 2 == 0 else "denoise_odd")
         return (b["x_alt"] if self.denoise_steps % 2 else b["x"])[0].copy()
-
 
     @property
     def last_action_cond(self) -> np.ndarray:

@@ -69,8 +69,16 @@ class PolicySpec:
     @classmethod
     def from_config(cls, cfg) -> PolicySpec:
         """The spec of a model config (``par_deploy.config.PARConfig``)."""
-        return cls(cfg.num_cameras, cfg.image_size, cfg.state_dim, cfg.action_dim, cfg.chunk_len, cfg.max_blocks,
-                   tuple(cfg.instructions), cfg.overflow)
+        return cls(
+            cfg.num_cameras,
+            cfg.image_size,
+            cfg.state_dim,
+            cfg.action_dim,
+            cfg.chunk_len,
+            cfg.max_blocks,
+            tuple(cfg.instructions),
+            cfg.overflow,
+        )
 
 
 class Policy(ABC):
@@ -94,9 +102,7 @@ class Policy(ABC):
         """Start a new episode (clears the cache; keeps every buffer allocated)."""
         instruction = self.spec.instructions[0] if instruction is None else instruction
         if instruction not in self.spec.instructions:
-            raise ValueError(
-                f"unknown instruction {instruction!r}; this policy knows {list(self.spec.instructions)}"
-            )
+            raise ValueError(f"unknown instruction {instruction!r}; this policy knows {list(self.spec.instructions)}")
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         self._instruction = instruction
@@ -121,8 +127,9 @@ class Policy(ABC):
         return (self.denoise_steps + 1, self.spec.chunk_len, self.spec.action_dim)
 
     @_serialised
-    def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None,
-            executed: np.ndarray | None = None) -> np.ndarray:
+    def act(
+        self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None, executed: np.ndarray | None = None
+    ) -> np.ndarray:
         """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
 
         ``noise`` (float32 ``[K+1, L, A]``) makes the sample reproducible across backends.
@@ -144,11 +151,10 @@ class Policy(ABC):
                 "use a checkpoint trained with `par-deploy train --window` (sliding cache)"
             )
         if not isinstance(observation, dict):
-            raise TypeError(
-                f"observation: expected a dict with 'rgb' and 'state', found {type(observation).__name__}"
-            )
-        rgb = check_array(observation.get("rgb"), "observation['rgb']",
-                          (s.num_cameras, s.image_size, s.image_size, 3), np.uint8)
+            raise TypeError(f"observation: expected a dict with 'rgb' and 'state', found {type(observation).__name__}")
+        rgb = check_array(
+            observation.get("rgb"), "observation['rgb']", (s.num_cameras, s.image_size, s.image_size, 3), np.uint8
+        )
         if s.state_dim:
             state = check_array(observation.get("state"), "observation['state']", (s.state_dim,), np.float32)
             state = check_state_range(self.normalizer.normalize_state(state))

@@ -39,9 +39,7 @@ def import_tensorrt():
         try:
             from cuda import cudart
         except ImportError as e:
-            raise BackendUnavailable(
-                f"the tensorrt backend needs cuda-python: pip install cuda-python ({e})"
-            ) from None
+            raise BackendUnavailable(f"the tensorrt backend needs cuda-python: pip install cuda-python ({e})") from None
     err, count = cudart.cudaGetDeviceCount()
     if err != cudart.cudaError_t.cudaSuccess or count == 0:
         raise BackendUnavailable(
@@ -144,9 +142,7 @@ class TensorRTPolicy(BundlePolicy):
         return getattr(self._rt.cudaMemcpyKind, f"cudaMemcpy{kind}")
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
-        self._cuda(
-            self._rt.cudaMemcpyAsync(dst, src, nbytes, self._kind(kind), self._stream), "cudaMemcpyAsync"
-        )
+        self._cuda(self._rt.cudaMemcpyAsync(dst, src, nbytes, self._kind(kind), self._stream), "cudaMemcpyAsync")
 
     def _upload(self, key: str) -> None:
         h = self.host[key]
@@ -193,9 +189,7 @@ class TensorRTPolicy(BundlePolicy):
             self._slots_copy(cache, pre.ctypes.data, 0, self.text_slots, "HostToDevice")
         self._sync()  # the prefix arrays are pageable host memory: finish before they can change
 
-    def step_block(
-        self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int
-    ) -> None:
+    def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the device cache (asynchronously, on the policy's stream)."""
         h = self.host
         h["rgb"][0] = rgb
@@ -234,7 +228,6 @@ class TensorRTPolicy(BundlePolicy):
         self._copy(result.ctypes.data, x, result.nbytes, "DeviceToHost")
         self._sync()
         return result
-
 
     @property
     def last_action_cond(self) -> np.ndarray:

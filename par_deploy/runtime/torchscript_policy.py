@@ -26,9 +26,7 @@ class TorchScriptPolicy(BundlePolicy):
         try:
             import torch
         except ImportError as e:
-            raise BackendUnavailable(
-                f"the torchscript backend needs PyTorch: pip install torch ({e})"
-            ) from None
+            raise BackendUnavailable(f"the torchscript backend needs PyTorch: pip install torch ({e})") from None
         if bundle.precision != "fp32":
             raise BackendUnavailable(f"{bundle.path}: the torchscript backend runs fp32 bundles only")
         super().__init__(bundle, seed)
@@ -88,9 +86,7 @@ class TorchScriptPolicy(BundlePolicy):
             cache.zero_()
             cache[:, :, :, :Kt] = torch.from_numpy(pre)
 
-    def step_block(
-        self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int
-    ) -> None:
+    def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the cache; sets the ``action_cond`` / ``frame_hidden`` buffers."""
         torch = self._torch
         b = self.buffers
@@ -123,7 +119,6 @@ class TorchScriptPolicy(BundlePolicy):
                 b["z"][0] = torch.from_numpy(noise[k + 1])
                 (b["x"],) = self._call("denoise")
             return b["x"][0].numpy().copy()
-
 
     @property
     def last_action_cond(self) -> np.ndarray:

@@ -105,8 +105,11 @@ def decode_array(obj: Any, name: str, max_bytes: int) -> np.ndarray:
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if not isinstance(dtype, str) or dtype not in ARRAY_DTYPES:
         raise ProtocolError(f"{name}: dtype {dtype!r} is not allowed; use one of {sorted(ARRAY_DTYPES)}")
-    if (not isinstance(shape, list) or len(shape) > ARRAY_MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > ARRAY_MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)
+    ):
         raise ProtocolError(f"{name}: shape must be a list of at most {ARRAY_MAX_DIMS} non-negative ints")
     if not isinstance(data, bytes):
         raise ProtocolError(f"{name}: data must be msgpack bin, found {type(data).__name__}")

@@ -42,13 +42,18 @@ class PolicyServer:
     """Serves one bundle. ``pool_size`` policies are loaded ahead; at most ``max_clients`` connections at once
     (more are closed with code 1013 "try again later")."""
 
-    def __init__(self, bundle_dir: str | Path, backend: str = "onnx", threads: int | None = 1,
-                 pool_size: int = 1, max_clients: int = 4):
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        backend: str = "onnx",
+        threads: int | None = 1,
+        pool_size: int = 1,
+        max_clients: int = 4,
+    ):
         self.hello = describe_bundle(bundle_dir, backend)
         self.hello["max_message_bytes"] = max_message_bytes(self.hello)
         self.max_array_bytes = max_array_bytes(self.hello)
-        self.pool = PolicyPool(functools.partial(runtime.load, bundle_dir, backend=backend, threads=threads),
-                               pool_size)
+        self.pool = PolicyPool(functools.partial(runtime.load, bundle_dir, backend=backend, threads=threads), pool_size)
         self.max_clients = max_clients
         self.clients = 0
         self.port: int | None = None
@@ -57,9 +62,14 @@ class PolicyServer:
         """``GET /healthz`` -> 200 and a JSON status; other paths go on to the websocket handshake."""
         if urlsplit(request.path).path != protocol.HEALTH_PATH:
             return None
-        body = {"status": "ok", "clients": self.clients, "max_clients": self.max_clients,
-                "backend": self.hello["backend"], "bundle_hash": self.hello["bundle_hash"],
-                "protocol": protocol.PROTOCOL_VERSION}
+        body = {
+            "status": "ok",
+            "clients": self.clients,
+            "max_clients": self.max_clients,
+            "backend": self.hello["backend"],
+            "bundle_hash": self.hello["bundle_hash"],
+            "protocol": protocol.PROTOCOL_VERSION,
+        }
         response = connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
         del response.headers["Content-Type"]  # Headers is a multimap: assignment would add a second one
         response.headers["Content-Type"] = "application/json"
@@ -94,8 +104,14 @@ class PolicyServer:
     async def run(self, host: str, port: int, stop: asyncio.Future, on_ready=None) -> None:
         """Serve until ``stop`` completes, then close every connection and return."""
         await self.pool.fill()
-        async with serve(self.handler, host, port, process_request=self.health, compression=None,
-                         max_size=self.hello["max_message_bytes"]) as server:
+        async with serve(
+            self.handler,
+            host,
+            port,
+            process_request=self.health,
+            compression=None,
+            max_size=self.hello["max_message_bytes"],
+        ) as server:
             self.port = server.sockets[0].getsockname()[1]
             if on_ready is not None:
                 on_ready(self)
@@ -103,14 +119,24 @@ class PolicyServer:
             log.info("shutting down: closing %d connection(s)", self.clients)
 
 
-def run_server(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 0, backend: str = "onnx",
-               threads: int | None = 1, pool_size: int = 1, max_clients: int = 4) -> None:
+def run_server(
+    bundle_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    backend: str = "onnx",
+    threads: int | None = 1,
+    pool_size: int = 1,
+    max_clients: int = 4,
+) -> None:
     """Blocking entry point of ``par-deploy serve``: prints the URL once listening, exits 0 on SIGTERM/SIGINT."""
     server = PolicyServer(bundle_dir, backend, threads, pool_size, max_clients)
 
     def ready(s: PolicyServer) -> None:
-        print(f"par-deploy serve: listening on ws://{host}:{s.port} (health: http://{host}:{s.port}"
-              f"{protocol.HEALTH_PATH}), backend {backend}, bundle {s.hello['bundle_hash'][:12]}", flush=True)
+        print(
+            f"par-deploy serve: listening on ws://{host}:{s.port} (health: http://{host}:{s.port}"
+            f"{protocol.HEALTH_PATH}), backend {backend}, bundle {s.hello['bundle_hash'][:12]}",
+            flush=True,
+        )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -186,8 +212,7 @@ class ServerProcess:
     ``stop()`` sends SIGTERM and returns the exit code; ``kill()`` is the fallback for a hung child.
     """
 
-    def __init__(self, bundle_dir: str | Path, *args: str, env: dict[str, str] | None = None,
-                 timeout: float = 120.0):
+    def __init__(self, bundle_dir: str | Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120.0):
         import os
         import subprocess
         import sys
@@ -195,8 +220,13 @@ class ServerProcess:
 
         cmd = [sys.executable, "-m", "par_deploy", "serve", str(bundle_dir), "--port", "0", *args]
         self.log = tempfile.TemporaryFile(mode="w+")  # the server's log: a pipe nobody reads could fill and block it
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )
         line = self._first_line(timeout)
         if "listening on ws://" not in line:
             self.kill()
