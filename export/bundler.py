@@ -23,7 +23,7 @@ from par_deploy.export.precision import INT8_GRAPHS, INT8_METHOD, check_precisio
 from par_deploy.export.torchscript_export import export_torchscript
 from par_deploy.locate import portable_path
 from par_deploy.model.par import PARModel
-from par_deploy.runtime import load
+from par_deploy.runtime import load, load_batch
 from par_deploy.runtime.bundle import (
     BACKENDS,
     BUNDLE_FORMAT,
@@ -34,6 +34,7 @@ from par_deploy.runtime.bundle import (
     TEXT_PREFIX_FILE,
     UNROLL_MAX_STEPS,
     cache_layout,
+    check_batch,
     file_entry,
     graph_specs,
     write_manifest,
@@ -115,10 +116,15 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx_exporter) -> None:
+def _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx_exporter, batch=1) -> None:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise ConfigError(f"backends must be a non-empty subset of {BACKENDS}, got {tuple(backends)}")
+    if check_batch(batch) > 1 and tuple(backends) != ("onnx",):
+        raise ConfigError(
+            f"batch {batch}: batched engines are exported for the onnx backend only (the TorchScript and "
+            "TensorRT runtimes run one episode per call); export with --backend onnx"
+        )
     if sampler not in ("ddim", "ddpm"):
         raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     if not isinstance(denoise_steps, int) or denoise_steps < 1:
@@ -151,6 +157,7 @@ def export_bundle(
     parity_steps: int = 4,
     overwrite: bool = False,
     require_parity: bool = True,
+    batch: int = 1,
 ) -> ExportReport:
     """Export a checkpoint (``save_pretrained`` directory) to a deployment bundle in ``out_dir``.
 
@@ -162,12 +169,14 @@ def export_bundle(
     ``"int8"`` (ONNX Runtime dynamic quantization of the transformer step's MatMul weights; the fp32 ONNX stays as
     the engine's ``source``, which TensorRT builds int8 engines from); ``"fp16"`` (TensorRT only); ``"bf16"``
     (refused with the reason while ONNX Runtime's CPU provider has no bf16 kernels). ``onnx_exporter``: ``"dynamo"`` or
-    ``"legacy"``. After export every backend is loaded from the bundle and run against ``TorchPolicy`` on
-    ``parity_steps``-step synthetic episodes with the same noise; the parity numbers go into the manifest
-    and the report, and ``ExportError`` is raised if they exceed the tolerances (``require_parity=False``:
-    recorded only, for bundles that are timed rather than deployed, e.g. the benchmark's K sweep).
+    ``"legacy"``. ``batch``: B independent episodes per engine call (every graph's leading dimension; each row
+    its own cache row and position; ONNX only; run by ``runtime.load_batch``). After export every backend is
+    loaded from the bundle and run against ``TorchPolicy`` on ``parity_steps``-step synthetic episodes with the
+    same noise; the parity numbers go into the manifest and the report, and ``ExportError`` is raised if they
+    exceed the tolerances (``require_parity=False``: recorded only, for bundles that are timed rather than
+    deployed, e.g. the benchmark's K sweep).
     """
-    _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx_exporter)
+    _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx_exporter, batch)
     t_start = time.perf_counter()
     root = Path(out_dir)
     seconds: dict[str, float] = {}
@@ -185,12 +194,12 @@ def export_bundle(
     if sampler_graph == "auto":
         sampler_graph = "unrolled" if denoise_steps <= UNROLL_MAX_STEPS else "loop"
     schedule = model.sampler(sampler, denoise_steps)
-    specs = graph_specs(cfg, denoise_steps, sampler_graph)
+    specs = graph_specs(cfg, denoise_steps, sampler_graph, batch)
     modules = build_graphs(model, schedule, sampler_graph)
     _log(
         progress,
         f"exporting {checkpoint_dir} -> {root}: {', '.join(backends)}, {sampler} K={denoise_steps} "
-        f"({sampler_graph}), {precision}",
+        f"({sampler_graph}), {precision}" + (f", batch {batch}" if batch > 1 else ""),
     )
 
     t0 = time.perf_counter()
@@ -248,6 +257,7 @@ def export_bundle(
         "source_checkpoint": portable_path(checkpoint_dir),  # relative to the working directory
         "config": cfg.to_dict(),
         "precision": precision,
+        "batch": batch,
         "quantization": INT8_METHOD if precision == "int8" else None,
         "backends": sorted(b for b in backends if b != "tensorrt"),
         "sampler": {
@@ -284,8 +294,10 @@ def export_bundle(
     t0 = time.perf_counter()
     parity = {}
     for backend in backends:
-        # one ORT thread; None for TorchScript: torch.set_num_threads would change this process's setting
-        policy = load(root, backend, threads=1 if backend == "onnx" else None)
+        if batch > 1:
+            policy = load_batch(root, threads=1)
+        else:  # one ORT thread; None for TorchScript: torch.set_num_threads would change this process's setting
+            policy = load(root, backend, threads=1 if backend == "onnx" else None)
         parity[backend] = parity_report(model, normalizer, policy, parity_steps, precision=precision)
         _close(policy)
     seconds["parity"] = time.perf_counter() - t0

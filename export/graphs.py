@@ -29,13 +29,17 @@ def check_exportable(model: PARModel) -> None:
 
 
 class StepGraph(nn.Module):
-    """rgb, [state], prev_actions, first, pos, cache_k, cache_v -> action_cond, frame_hidden, new_k, new_v."""
+    """rgb, [state], prev_actions, first, pos, cache_k_0.., cache_v_0.. -> action_cond, frame_hidden, new_k, new_v.
+
+    One cache input per layer: the host binds views of its ``[layers, B, H, S, hd]`` buffer, so the graph has no
+    Split of a stacked cache (10% of the step's time when it took one tensor, issue #10)."""
 
     def __init__(self, model: PARModel):
         super().__init__()
         check_exportable(model)
         self.model = model
         self.has_state = model.cfg.state_dim > 0
+        self.layers = model.cfg.depth
 
     def _step(self, rgb, state, prev_actions, first, pos, cache_k, cache_v):
         m = self.model
@@ -46,10 +50,11 @@ class StepGraph(nn.Module):
         return m.action_condition(h), frame_hidden, new_k, new_v
 
     def forward(self, *args: torch.Tensor):
-        if self.has_state:
-            return self._step(*args)
-        rgb, prev_actions, first, pos, cache_k, cache_v = args
-        return self._step(rgb, None, prev_actions, first, pos, cache_k, cache_v)
+        n = len(args) - 2 * self.layers
+        block, caches = args[:n], args[n:]
+        if not self.has_state:
+            block = (block[0], None, *block[1:])
+        return self._step(*block, caches[: self.layers], caches[self.layers :])
 
 
 class SamplerGraph(nn.Module):
@@ -88,14 +93,15 @@ class DenoiseGraph(nn.Module):
         self.register_buffer("coeffs", schedule.coeffs.clone(), persistent=False)  # [K, 5]
 
     def forward(self, x, k, z, cond_k, cond_v):
-        t = self.timesteps.index_select(0, k)  # [1]
+        t = self.timesteps.index_select(0, k).expand(x.shape[0])  # [B]
         coeffs = self.coeffs.index_select(0, k)[0]  # [5]
         eps = self.head(x, t, cond_k, cond_v)
         return sampler_update(x, eps, coeffs, z, CLIP)
 
 
 def build_graphs(model: PARModel, schedule: SamplerSchedule, sampler_graph: str) -> dict[str, nn.Module]:
-    """The modules of a bundle, keyed like ``graph_specs``: step + sampler, or step + condition + denoise."""
+    """The modules of a bundle, keyed like ``graph_specs``: step + sampler, or step + condition + denoise (any
+    batch: the example inputs of ``graph_specs(..., batch)`` fix it at export)."""
     graphs: dict[str, nn.Module] = {"step": StepGraph(model)}
     if sampler_graph == "unrolled":
         graphs["sampler"] = SamplerGraph(model, schedule)
@@ -109,8 +115,8 @@ _DTYPES = {"float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64,
 
 
 def example_inputs(spec: GraphSpec, seed: int = 0, position: int = 0, step: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random example inputs for tracing/exporting a graph: block index ``position`` (< max_blocks), sampler
-    step index ``step`` (< K), BOA flag off."""
+    """Random example inputs for tracing/exporting a graph: block index ``position`` (< max_blocks) in every
+    row, sampler step index ``step`` (< K), BOA flag off."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in spec.inputs:

@@ -8,6 +8,7 @@ import torch
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy
+from par_deploy.runtime.batch_policy import BatchPolicy
 from par_deploy.runtime.bundle_policy import BundlePolicy
 from par_deploy.synthetic import synthetic_batch
 
@@ -50,10 +51,32 @@ def synthetic_observations(
     return obs
 
 
+class _EveryRow:
+    """A ``BatchPolicy`` driven as one episode (every row the same inputs and noise) for ``parity_report``: its
+    ``last_*`` values hold every row, so each row is compared with the reference."""
+
+    def __init__(self, policy: BatchPolicy):
+        self.policy, self.backend, self.bundle = policy, policy.backend, policy.bundle
+        self.denoise_steps = policy.denoise_steps
+
+    def noise_shape(self) -> tuple[int, ...]:
+        return self.policy.noise_shape()[1:]
+
+    def reset(self, instruction: str) -> None:
+        self.policy.reset(instruction)
+
+    def act(self, observation: dict, noise: np.ndarray) -> None:
+        n = self.policy.batch
+        self.policy.act_batch([observation] * n, noise=np.stack([noise] * n))
+
+    def __getattr__(self, name: str):  # last_frame_hidden, last_action_cond, last_chunk: [N, ...]
+        return getattr(self.policy, name)
+
+
 def parity_report(
     model: PARModel,
     normalizer: Normalizer,
-    engine: BundlePolicy,
+    engine: BundlePolicy | BatchPolicy,
     steps: int = 4,
     seed: int = 0,
     precision: str = "fp32",
@@ -64,8 +87,10 @@ def parity_report(
     each policy feeds back its own previous chunk, as in deployment. Reports the max abs differences of the frame
     hidden states, the Action-DiT condition and the normalised actions, the spread of the reference actions and
     the fraction not clipped to +-1 (action parity only means something for actions that vary and are not
-    saturated), and ``passed`` against ``TOLERANCES[precision]``.
+    saturated), and ``passed`` against ``TOLERANCES[precision]``. A batched engine runs the episode in every row.
     """
+    if isinstance(engine, BatchPolicy):
+        engine = _EveryRow(engine)
     cfg = model.cfg  # a sliding cache is checked across two slides, a static one up to its length
     steps = max(steps, 2 * cfg.max_blocks + 1) if cfg.overflow == "slide" else min(steps, cfg.max_blocks)
     ref = TorchPolicy(model, normalizer, sampler=engine.bundle.manifest["sampler"]["kind"], steps=engine.denoise_steps)

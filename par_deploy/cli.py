@@ -248,6 +248,13 @@ def export(
     onnx_exporter: Annotated[str, typer.Option(help="dynamo or legacy torch.onnx exporter.")] = "dynamo",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle in OUT.")] = False,
     report_json: Annotated[Path | None, typer.Option(help="Also write the export report as JSON.")] = None,
+    batch: Annotated[
+        int,
+        typer.Option(
+            help="Independent episodes per engine call (each row its own cache row and position; ONNX only; "
+            "run with par_deploy.runtime.load_batch)."
+        ),
+    ] = 1,
 ) -> None:
     """Compile a checkpoint into an engine bundle (static KV-cache step + few-step Action-DiT sampler).
 
@@ -265,6 +272,7 @@ def export(
         sampler_graph=sampler_graph,
         onnx_exporter=onnx_exporter,
         overwrite=overwrite,
+        batch=batch,
     )
     typer.echo(report.summary())
     if report_json:

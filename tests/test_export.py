@@ -151,7 +151,12 @@ def test_step_graph_returns_new_kv_and_omits_state_when_absent(tiny, custom):
         inputs, outputs = [i.name for i in g.input], [o.name for o in g.output]
         assert outputs == ["action_cond", "frame_hidden", "new_k", "new_v"]
         assert ("state" in inputs) == has_state
-        assert {"cache_k", "cache_v", "pos", "first", "rgb", "prev_actions"} <= set(inputs)
+        layers = read_manifest(report.bundle_dir)["cache"]["layers"]
+        caches = {f"cache_{kind}_{i}" for kind in "kv" for i in range(layers)}
+        assert caches | {"pos", "first", "rgb", "prev_actions"} <= set(inputs)
+        # issue #10: the cache is read in place, never split out of one tensor or concatenated with the block
+        consumers = {n.op_type for n in g.node for i in n.input if i in caches}
+        assert consumers and not consumers & {"Split", "Concat", "Slice", "Gather"}, consumers
 
 
 def test_manifest_round_trip(tiny):

@@ -40,8 +40,11 @@ def _rss_bytes() -> int:
 def test_load_returns_onnx_policy_with_zero_copy_bindings(bundle):
     policy = runtime.load(bundle, "onnx", threads=1)
     assert isinstance(policy, runtime.OnnxPolicy) and policy.denoise_steps == 4
-    for name in ("cache_k", "cache_v", "new_k", "action_cond", "noise", "actions"):
-        assert policy._values[name].data_ptr() == policy.buffers[name].ctypes.data  # OrtValue wraps the buffer
+    values = policy.graphs._values
+    for name in ("cache_k", "cache_v", "cache_k_0", "cache_v_1", "new_k", "action_cond", "noise", "actions"):
+        assert values[name].data_ptr() == policy.buffers[name].ctypes.data  # OrtValue wraps the buffer
+    cache, layer = policy.buffers["cache_k"], policy.buffers["cache_k_1"]
+    assert layer.ctypes.data == cache.ctypes.data + cache[0].nbytes  # per-layer inputs are views of one cache
     assert policy.buffers["action_cond"] is not None and "cond" not in policy.buffers  # sampler reads step output
 
 

@@ -60,9 +60,11 @@ def test_rope_positions_and_bases_of_every_token_type():
     np.testing.assert_allclose(cos.numpy(), np.cos(want), atol=1e-6)
     np.testing.assert_allclose(sin.numpy(), np.sin(want), atol=1e-6)
     for n, block in enumerate(BLOCKS):  # the cached step (what the exported graph computes) uses the same
-        cos, sin = rope.block(torch.tensor([n]))
-        np.testing.assert_allclose(cos.numpy(), np.cos(_angles(block)), atol=1e-6)
-        np.testing.assert_allclose(sin.numpy(), np.sin(_angles(block)), atol=1e-6)
+        cos, sin = rope.block(torch.tensor([n]))  # [B=1, 1, Bl, hd/2]
+        np.testing.assert_allclose(cos[0, 0].numpy(), np.cos(_angles(block)), atol=1e-6)
+        np.testing.assert_allclose(sin[0, 0].numpy(), np.sin(_angles(block)), atol=1e-6)
+    cos, sin = rope.block(torch.tensor([2, 0]))  # a batch: each row at its own block index
+    np.testing.assert_allclose(cos[:, 0].numpy(), np.cos([_angles(BLOCKS[2]), _angles(BLOCKS[0])]), atol=1e-6)
 
 
 def test_rope_is_a_rotation_whose_scores_depend_on_relative_position_only():

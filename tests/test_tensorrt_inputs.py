@@ -86,8 +86,10 @@ def test_optimisation_profiles_come_from_the_manifest(bundle):
             lo, opt, hi = profiles[name][t.name]
             assert lo == opt == hi == t.shape
     c = bundle.config
-    cache = profiles["step"]["cache_k"][1]
-    assert cache == (c.depth, 1, c.heads, c.max_seq_len, c.dim // c.heads)
+    for kind in "kv":  # one input per layer; the TensorRT runtime points them into its one device cache
+        for i in range(c.depth):
+            assert profiles["step"][f"cache_{kind}_{i}"][1] == (1, c.heads, c.max_seq_len, c.dim // c.heads)
+    assert not any(name in profiles["step"] for name in ("cache_k", "cache_v"))
 
 
 def _model(op: str, dims, dtype=TensorProto.FLOAT, opset=18) -> onnx.ModelProto:

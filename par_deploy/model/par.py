@@ -19,7 +19,7 @@ from torch import nn
 
 from par_deploy.config import PARConfig
 from par_deploy.errors import CacheFullError, ConfigError, InputError
-from par_deploy.kernels.attention import cache_step_mask
+from par_deploy.kernels.attention import past_bias
 from par_deploy.kernels.cache import write_block_
 from par_deploy.model.detokenizers import ActionDiT, DiscreteActionHead, DiscreteFrameHead, FrameDetokenizer
 from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule
@@ -158,24 +158,26 @@ class PARModel(nn.Module):
         shape = (c.depth, batch, c.heads, c.max_seq_len, c.dim // c.heads)
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
-    def step_delta(self, x: torch.Tensor, n: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
-        """Pure step: block tokens x ``[B, Bl, D]`` at block index n (int64 ``[1]``) over a read-only cache.
+    def step_delta(self, x: torch.Tensor, n: torch.Tensor, cache_k, cache_v):
+        """Pure step: block tokens x ``[B, Bl, D]`` at block indices n (int64 ``[B]``, one per row, or ``[1]``
+        for all rows) over a read-only cache: cache_k/v one ``[B, H, S, hd]`` tensor per layer (or a
+        ``[layers, B, H, S, hd]`` tensor).
 
         Returns hidden ``[B, Bl, D]``, new keys and values ``[layers, B, H, Bl, hd]`` for slots
-        ``K_t + n*Bl ..``. The export unit (DESIGN §4: the host writes the delta into its buffer).
+        ``K_t + n*Bl ..`` of each row. The export unit (DESIGN §4: the host writes the delta into its buffer).
         """
-        start = self.cfg.num_text_tokens + n * self.cfg.block_len  # [1]
-        mask = cache_step_mask(start, cache_k.shape[3], self.intra_mask)  # [Bl, S + Bl]
-        return self.transformer.step(x, self.rope.block(n), mask, cache_k, cache_v)
+        start = self.cfg.num_text_tokens + n * self.cfg.block_len  # [B]
+        bias = past_bias(start, cache_k[0].shape[2])  # [B, 1, 1, S]
+        return self.transformer.step(x, self.rope.block(n), self.intra_mask, bias, cache_k, cache_v)
 
     def prefill(self, text: torch.Tensor, cache: KVCache) -> None:
         """Write the text prefix ``[B, K_t, D]`` into slots 0..K_t-1 of the cache (in place)."""
         if self.transformer is None:
             return
-        S, Kt = cache[0].shape[3], self.cfg.num_text_tokens
-        mask = torch.cat([torch.zeros(Kt, S, dtype=torch.bool), text_mask(self.cfg)], dim=1).to(text.device)
-        _, k, v = self.transformer.step(text, self.rope.text(), mask, *cache)
+        S = cache[0].shape[3]
         zero = torch.zeros(1, dtype=torch.int64, device=text.device)
+        bias = past_bias(zero, S)  # no cache slot is visible to the prefix
+        _, k, v = self.transformer.step(text, self.rope.text(), text_mask(self.cfg).to(text.device), bias, *cache)
         for buf, new in zip(cache, (k, v), strict=True):
             for i in range(buf.shape[0]):
                 write_block_(buf[i], new[i], zero)

@@ -33,9 +33,10 @@ class BlockRope(nn.Module):
         self.num_text = cfg.num_text_tokens
 
     def block(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[Bl, hd/2]`` for block index ``n`` (int64 ``[1]``)."""
-        pos = n.to(self.freq.dtype) * self.mult + self.offset  # [Bl]
-        angle = pos[:, None] * self.freq  # [Bl, hd/2]
+        """cos, sin ``[B, 1, Bl, hd/2]`` for block indices ``n`` (int64 ``[B]``: one per batch row, each its own
+        episode), broadcasting over the heads of ``[B, H, Bl, hd]``."""
+        pos = n.to(self.freq.dtype)[:, None] * self.mult + self.offset  # [B, Bl]
+        angle = pos[:, None, :, None] * self.freq  # [B, 1, Bl, hd/2]
         return angle.cos(), angle.sin()
 
     def text(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +45,13 @@ class BlockRope(nn.Module):
 
     def sequence(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[K_t + N * Bl, hd/2]`` for a whole teacher-forced sequence."""
-        parts = [self.text()] + [self.block(torch.tensor([n], device=self.freq.device)) for n in range(num_blocks)]
+        blocks = [self.block(torch.tensor([n], device=self.freq.device)) for n in range(num_blocks)]
+        parts = [self.text()] + [(c[0, 0], s[0, 0]) for c, s in blocks]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[B, H, T, hd]``; cos/sin ``[T, hd/2]``; rotates the two halves of each head (GPT-NeoX layout)."""
+    """x ``[B, H, T, hd]``; cos/sin ``[T, hd/2]`` (or broadcastable to ``[B, H, T, hd/2]``); rotates the two
+    halves of each head (GPT-NeoX layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

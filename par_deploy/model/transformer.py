@@ -14,10 +14,12 @@ caller writes into the cache (the form that exports cleanly: DESIGN §4).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from par_deploy.kernels.attention import attention
+from par_deploy.kernels.attention import attention, cache_attention
 from par_deploy.model.rope import apply_rope
 
 
@@ -33,18 +35,19 @@ class Attention(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``past``: a static cache ``(k [B, H, S, hd], v, bias [B, 1, 1, S])``; then ``mask`` is the new
+        tokens' own ``[T, T]`` visibility and the cache slots' visibility is the additive ``bias``."""
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
         q, k, v = qkv[0], qkv[1], qkv[2]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if past is not None:  # static cache: [B, H, S, hd] each, visibility decided by the mask
-            k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, S+T, hd]
+        if past is not None:
+            out = cache_attention(q, k, v, *past, mask)  # [B, H, T, hd]
         else:
-            k_all, v_all = k, v
-        out = attention(q, k_all, v_all, mask)  # [B, H, T, hd]
+            out = attention(q, k, v, mask)  # [B, H, T, hd]
         return self.proj(out.transpose(1, 2).reshape(B, T, D)), k, v
 
 
@@ -107,18 +110,21 @@ class CausalTransformer(Transformer):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
+        intra: torch.Tensor,
+        bias: torch.Tensor,
+        cache_k: Sequence[torch.Tensor],
+        cache_v: Sequence[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One block against the cache.
 
-        x ``[B, Bl, D]``; cache_k/v ``[layers, B, H, S, hd]`` (read only); mask bool ``[Bl, S + Bl]``.
-        Returns hidden ``[B, Bl, D]`` and the block's new keys/values ``[layers, B, H, Bl, hd]``.
+        x ``[B, Bl, D]``; cache_k/v: one ``[B, H, S, hd]`` per layer (read only; a ``[layers, ...]`` tensor
+        indexes as such); intra bool ``[Bl, Bl]``: the block's own visibility; bias ``[B, 1, 1, S]``: the cache
+        slots' (``kernels.attention.past_bias``). Returns hidden ``[B, Bl, D]`` and the block's new keys/values
+        ``[layers, B, H, Bl, hd]``.
         """
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, mask, rope, (cache_k[i], cache_v[i]))
+            x, k, v = blk(x, intra, rope, (cache_k[i], cache_v[i], bias))
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)

@@ -8,6 +8,9 @@ imports torch and the TensorRT backend tensorrt + cuda-python, each only when se
     policy.reset("push the cube to the goal region")
     chunk = policy.act({"rgb": rgb_uint8, "state": state})  # [chunk_len, action_dim], controller units
 
+A bundle exported with ``--batch N`` runs N episodes per engine call: ``runtime.load_batch(bundle)`` returns a
+``BatchPolicy`` (``act_batch``, ``reset(row=...)``; see ``par_deploy.runtime.batch_policy``).
+
 Threads: a policy object serialises concurrent ``act``/``reset`` calls with a lock (they share one episode);
 separate objects are independent. Input range and non-finite handling: see ``par_deploy.runtime.policy``.
 """
@@ -29,12 +32,15 @@ from par_deploy.runtime.bundle import (
 from par_deploy.runtime.policy import Policy, PolicySpec
 
 if TYPE_CHECKING:
+    from par_deploy.runtime.batch_policy import BatchPolicy
     from par_deploy.runtime.bundle_policy import BundlePolicy
     from par_deploy.runtime.onnx_policy import OnnxPolicy
     from par_deploy.runtime.tensorrt_policy import TensorRTPolicy
     from par_deploy.runtime.torchscript_policy import TorchScriptPolicy
 
 _LAZY = {
+    "BatchPolicy": "par_deploy.runtime.batch_policy",
+    "OnnxBatchPolicy": "par_deploy.runtime.onnx_policy",
     "OnnxPolicy": "par_deploy.runtime.onnx_policy",
     "TorchScriptPolicy": "par_deploy.runtime.torchscript_policy",
     "TensorRTPolicy": "par_deploy.runtime.tensorrt_policy",
@@ -44,15 +50,18 @@ _LAZY = {
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "BatchPolicy",
     "Bundle",
     "BundleError",
     "BundlePolicy",
+    "OnnxBatchPolicy",
     "OnnxPolicy",
     "Policy",
     "PolicySpec",
     "TensorRTPolicy",
     "TorchScriptPolicy",
     "load",
+    "load_batch",
     "open_bundle",
     "read_manifest",
     "tensorrt_profiles",
@@ -88,6 +97,11 @@ def load(
 
         import_tensorrt()
     verified = open_bundle(bundle, backend, checkpoint)
+    if verified.batch != 1:
+        raise BundleError(
+            f"{verified.path}: this bundle runs {verified.batch} episodes per engine call; load it with "
+            "par_deploy.runtime.load_batch (BatchPolicy.act_batch), or export with --batch 1"
+        )
     if backend == "onnx":
         from par_deploy.runtime.onnx_policy import OnnxPolicy
 
@@ -99,3 +113,17 @@ def load(
     from par_deploy.runtime.tensorrt_policy import TensorRTPolicy
 
     return TensorRTPolicy(verified, seed=seed)
+
+
+def load_batch(
+    bundle: str | Path,
+    threads: int | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+) -> BatchPolicy:
+    """Verify a bundle and return its ``BatchPolicy`` (ONNX Runtime): ``bundle.batch`` episodes per engine call
+    (``par-deploy export --batch N``; a batch-1 bundle gives a one-row ``BatchPolicy``). Row r's noise generator
+    is seeded ``seed + r``. Call ``policy.reset(instruction)`` before the first ``act_batch``."""
+    from par_deploy.runtime.onnx_policy import OnnxBatchPolicy
+
+    return OnnxBatchPolicy(open_bundle(bundle, "onnx", checkpoint), threads=threads, seed=seed)

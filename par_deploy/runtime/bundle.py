@@ -12,19 +12,22 @@ A bundle is a directory written by ``par_deploy.export.export_bundle``::
     torchscript/*.pt   TorchScript modules (``torch.jit.load``, or libtorch's ``torch::jit::load``)
     tensorrt/*.plan    serialized TensorRT engines (built on the target GPU)
 
-Graphs (all shapes static, batch 1):
+Graphs (all shapes static; ``B`` = the manifest's ``batch``: B independent episodes, one per row, 1 unless
+exported with ``--batch``):
 
-- ``step``: ``rgb`` uint8 ``[1,V,H,W,3]``, ``state`` float32 ``[1,S]`` (absent when ``state_dim == 0``),
-  ``prev_actions`` float32 ``[1,L,A]`` (normalised), ``first`` bool ``[1]`` (BOA block), ``pos`` int64 ``[1]``
-  (block index), ``cache_k``/``cache_v`` float32 ``[layers,1,H,S,hd]`` (read only) -> ``action_cond``
-  ``[1,L,D]``, ``frame_hidden`` ``[1,K_o,D]``, ``new_k``/``new_v`` ``[layers,1,H,Bl,hd]``. The host writes
-  ``new_k``/``new_v`` into its cache at slots ``K_t + pos * Bl ..``.
-- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,1,L,A]``, ``cond`` ``[1,L,D]`` -> ``actions``
-  ``[1,L,A]`` (the K denoiser calls unrolled, schedule constants baked in).
+- ``step``: ``rgb`` uint8 ``[B,V,H,W,3]``, ``state`` float32 ``[B,S]`` (absent when ``state_dim == 0``),
+  ``prev_actions`` float32 ``[B,L,A]`` (normalised), ``first`` bool ``[B]`` (BOA block), ``pos`` int64 ``[B]``
+  (each row's block index), ``cache_k_0 .. cache_k_{layers-1}``, ``cache_v_0 ..`` float32 ``[B,H,S,hd]`` (one
+  input per layer, read only: the host binds views of its ``[layers,B,H,S,hd]`` buffers, so the graph never
+  splits or concatenates the cache) -> ``action_cond`` ``[B,L,D]``, ``frame_hidden`` ``[B,K_o,D]``,
+  ``new_k``/``new_v`` ``[layers,B,H,Bl,hd]``. The host writes row b of ``new_k``/``new_v`` into its cache at
+  slots ``K_t + pos[b] * Bl ..``.
+- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,B,L,A]``, ``cond`` ``[B,L,D]`` -> ``actions``
+  ``[B,L,A]`` (the K denoiser calls unrolled, schedule constants baked in).
 - sampler, ``"loop"`` form: ``condition``: ``cond`` -> ``cond_k``/``cond_v``
-  ``[dit_depth,1,dit_heads,L,dit_hd]`` (cross-attention keys/values, once per control step) and
-  ``denoise``: ``x`` ``[1,L,A]``, ``k`` int64 ``[1]`` (step index into the baked schedule), ``z`` ``[1,L,A]``,
-  ``cond_k``, ``cond_v`` -> ``x_next`` ``[1,L,A]``, called K times by the runner.
+  ``[dit_depth,B,dit_heads,L,dit_hd]`` (cross-attention keys/values, once per control step) and
+  ``denoise``: ``x`` ``[B,L,A]``, ``k`` int64 ``[1]`` (step index into the baked schedule), ``z`` ``[B,L,A]``,
+  ``cond_k``, ``cond_v`` -> ``x_next`` ``[B,L,A]``, called K times by the runner.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import PolicySpec
 
 BUNDLE_FORMAT = "par-deploy-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# 2: one cache input per layer (cache_k_i / cache_v_i) and a batch dimension (manifest "batch")
+BUNDLE_FORMAT_VERSION = 2
+MAX_BATCH = 256  # episodes per engine call (a sanity bound on --batch)
 MANIFEST_FILE = "manifest.json"
 TEXT_PREFIX_FILE = "text_prefix.npz"
 BACKENDS = ("onnx", "torchscript", "tensorrt")
@@ -127,51 +132,63 @@ def cache_layout(cfg: PARConfig) -> dict[str, int]:
     }
 
 
-def cache_shape(cfg: PARConfig) -> tuple[int, ...]:
-    """``[layers, 1, heads, max_seq_len, head_dim]``: one static cache (keys or values) for batch 1."""
-    return (cfg.depth, 1, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
+def cache_shape(cfg: PARConfig, batch: int = 1) -> tuple[int, ...]:
+    """``[layers, batch, heads, max_seq_len, head_dim]``: the host's static cache (keys or values); the step
+    graph takes one ``[batch, heads, max_seq_len, head_dim]`` input per layer (``layer_cache_names``)."""
+    return (cfg.depth, batch, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
 
 
-def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, GraphSpec]:
-    """The signatures of every graph a bundle holds, derived from the config alone."""
+def layer_cache_names(kind: str, layers: int) -> list[str]:
+    """Step-graph input names of one cache (``kind`` ``"k"`` or ``"v"``): ``cache_k_0 .. cache_k_{layers-1}``."""
+    return [f"cache_{kind}_{i}" for i in range(layers)]
+
+
+def check_batch(batch: object) -> int:
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
+        raise ConfigError(f"batch must be an integer in [1, {MAX_BATCH}] (episodes per engine call), got {batch!r}")
+    return batch
+
+
+def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str, batch: int = 1) -> dict[str, GraphSpec]:
+    """The signatures of every graph a bundle holds, derived from the config and the batch alone."""
     if sampler_graph not in SAMPLER_GRAPHS:
         raise ConfigError(f"sampler graph must be one of {SAMPLER_GRAPHS}, got {sampler_graph!r}")
+    B = check_batch(batch)
     L, A, D, hd = cfg.chunk_len, cfg.action_dim, cfg.dim, cfg.dim // cfg.heads
-    cache = cache_shape(cfg)
-    delta = (cfg.depth, 1, cfg.heads, cfg.block_len, hd)
-    step_in = [TensorSpec("rgb", "uint8", (1, cfg.num_cameras, cfg.image_size, cfg.image_size, 3))]
+    layer = cache_shape(cfg, B)[1:]
+    delta = (cfg.depth, B, cfg.heads, cfg.block_len, hd)
+    step_in = [TensorSpec("rgb", "uint8", (B, cfg.num_cameras, cfg.image_size, cfg.image_size, 3))]
     if cfg.state_dim:
-        step_in.append(TensorSpec("state", "float32", (1, cfg.state_dim)))
+        step_in.append(TensorSpec("state", "float32", (B, cfg.state_dim)))
     step_in += [
-        TensorSpec("prev_actions", "float32", (1, L, A)),
-        TensorSpec("first", "bool", (1,)),
-        TensorSpec("pos", "int64", (1,)),
-        TensorSpec("cache_k", "float32", cache),
-        TensorSpec("cache_v", "float32", cache),
+        TensorSpec("prev_actions", "float32", (B, L, A)),
+        TensorSpec("first", "bool", (B,)),
+        TensorSpec("pos", "int64", (B,)),
     ]
+    step_in += [TensorSpec(n, "float32", layer) for kind in "kv" for n in layer_cache_names(kind, cfg.depth)]
     step_out = (
-        TensorSpec("action_cond", "float32", (1, L, D)),
-        TensorSpec("frame_hidden", "float32", (1, cfg.frame_tokens, D)),
+        TensorSpec("action_cond", "float32", (B, L, D)),
+        TensorSpec("frame_hidden", "float32", (B, cfg.frame_tokens, D)),
         TensorSpec("new_k", "float32", delta),
         TensorSpec("new_v", "float32", delta),
     )
     specs = {"step": GraphSpec("step", tuple(step_in), step_out)}
-    cond = TensorSpec("cond", "float32", (1, L, D))
-    x = TensorSpec("x", "float32", (1, L, A))
+    cond = TensorSpec("cond", "float32", (B, L, D))
+    x = TensorSpec("x", "float32", (B, L, A))
     if sampler_graph == "unrolled":
         specs["sampler"] = GraphSpec(
             "sampler",
-            (TensorSpec("noise", "float32", (steps + 1, 1, L, A)), cond),
-            (TensorSpec("actions", "float32", (1, L, A)),),
+            (TensorSpec("noise", "float32", (steps + 1, B, L, A)), cond),
+            (TensorSpec("actions", "float32", (B, L, A)),),
         )
     else:
-        ckv = (cfg.dit_depth, 1, cfg.dit_heads, L, cfg.dit_dim // cfg.dit_heads)
+        ckv = (cfg.dit_depth, B, cfg.dit_heads, L, cfg.dit_dim // cfg.dit_heads)
         ck, cv = TensorSpec("cond_k", "float32", ckv), TensorSpec("cond_v", "float32", ckv)
         specs["condition"] = GraphSpec("condition", (cond,), (ck, cv))
         specs["denoise"] = GraphSpec(
             "denoise",
-            (x, TensorSpec("k", "int64", (1,)), TensorSpec("z", "float32", (1, L, A)), ck, cv),
-            (TensorSpec("x_next", "float32", (1, L, A)),),
+            (x, TensorSpec("k", "int64", (1,)), TensorSpec("z", "float32", (B, L, A)), ck, cv),
+            (TensorSpec("x_next", "float32", (B, L, A)),),
         )
     return specs
 
@@ -253,6 +270,22 @@ class Bundle:
     def precision(self) -> str:
         return self.manifest["precision"]
 
+    @property
+    def batch(self) -> int:
+        """Independent episodes per engine call (``par-deploy export --batch``)."""
+        return int(self.manifest.get("batch", 1))
+
+    def slot(self, step: int) -> int:
+        """First cache slot of block ``step``: ``K_t + step * Bl``."""
+        c = self.manifest["cache"]
+        return int(c["text_slots"]) + step * int(c["block_len"])
+
+    def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
+        k, v = self.text_prefix()
+        i = list(self.config.instructions).index(instruction)
+        return k[i], v[i]
+
     def engine_path(self, backend: str, graph: str) -> Path:
         try:
             return self.path / self.manifest["engines"][backend][graph]["file"]
@@ -302,6 +335,11 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     version = m.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise BundleError(f"{path}: invalid format_version {version!r}")
+    if version < BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version} predates this par-deploy's step graph (one cache input "
+            f"per layer, format {BUNDLE_FORMAT_VERSION}); re-export the bundle with par-deploy export"
+        )
     if version > BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format_version {version} is newer than this par-deploy supports "
@@ -365,7 +403,10 @@ def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: 
         raise BundleError(f"{mpath}: unknown sampler graph {sampler.get('graph')!r}")
     if m["precision"] not in PRECISIONS:
         raise BundleError(f"{mpath}: unknown precision {m['precision']!r}")
-    expected = graph_specs(cfg, int(sampler["steps"]), sampler["graph"])
+    try:
+        expected = graph_specs(cfg, int(sampler["steps"]), sampler["graph"], m.get("batch", 1))
+    except ConfigError as e:
+        raise BundleError(f"{mpath}: {e}") from None
     found = {name: GraphSpec.from_dict(name, d) for name, d in m["graphs"].items()}
     if found != expected:
         raise BundleError(

@@ -26,8 +26,7 @@ class BundlePolicy(Policy):
         self.bundle = bundle
         cache = bundle.manifest["cache"]
         self.text_slots, self.block_len = int(cache["text_slots"]), int(cache["block_len"])
-        self._prefix_k, self._prefix_v = bundle.text_prefix()
-        self._instructions = list(bundle.config.instructions)
+        bundle.text_prefix()  # read and checked once, at load
 
     @property
     def denoise_steps(self) -> int:
@@ -39,12 +38,11 @@ class BundlePolicy(Policy):
 
     def slot(self, step: int) -> int:
         """First cache slot of block ``step``."""
-        return self.text_slots + step * self.block_len
+        return self.bundle.slot(step)
 
     def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
-        i = self._instructions.index(instruction)
-        return self._prefix_k[i], self._prefix_v[i]
+        return self.bundle.prefix(instruction)
 
     @property
     @abstractmethod

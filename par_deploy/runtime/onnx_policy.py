@@ -4,8 +4,9 @@ Every graph input and output is a preallocated numpy buffer wrapped once in an `
 the numpy memory on CPU) and bound with ``IOBinding``: nothing is allocated per step and the cache is never
 copied whole:
 
-- the step graph reads the cache buffers in place and writes only the new block's keys/values; the host
-  copies that delta into the cache at the block's slots (DESIGN §4: the fastest CPU path measured);
+- the step graph reads the cache in place: its per-layer inputs ``cache_k_i`` are bound to views of one
+  ``[layers, B, H, S, hd]`` buffer; it writes only the new block's keys/values, which the host copies into
+  each row's slots (DESIGN §4: the fastest CPU path measured);
 - the step graph's ``action_cond`` buffer is bound directly as the sampler's ``cond`` input;
 - in the loop form, ``condition`` writes ``cond_k``/``cond_v`` buffers that ``denoise`` reads, and ``x`` /
   ``x_next`` ping-pong between two buffers (two bindings).
@@ -15,7 +16,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec, check_io
+from par_deploy.runtime.batch_policy import BatchPolicy
+from par_deploy.runtime.bundle import (
+    BackendUnavailable,
+    Bundle,
+    BundleError,
+    TensorSpec,
+    cache_shape,
+    check_io,
+    layer_cache_names,
+)
 from par_deploy.runtime.bundle_policy import BundlePolicy
 
 _ORT_TYPES = {
@@ -73,29 +83,20 @@ def _signature(args) -> list[TensorSpec]:
     return out
 
 
-class OnnxPolicy(BundlePolicy):
-    """Runs a bundle's ONNX graphs with ONNX Runtime (CPU by default).
+class OrtGraphs:
+    """A bundle's ONNX graphs in ONNX Runtime: sessions, preallocated buffers (one per tensor name, shared
+    across graphs), IOBindings, and the host side of the static cache, for any batch ``B``."""
 
-    Bundle precisions: ``fp32`` and ``int8`` (``par_deploy.export.precision``: the quantized graphs keep fp32
-    inputs and outputs, so the buffers and bindings are the same). ``threads``: intra-op threads per session
-    (None: 1). ``providers``: ONNX Runtime execution providers
-    (default ``["CPUExecutionProvider"]``; buffers live in host memory, so other providers copy per call).
-    """
-
-    backend = "onnx"
-
-    def __init__(self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None):
         if bundle.precision not in ONNX_PRECISIONS:
             raise BackendUnavailable(
                 f"{bundle.path}: bundle precision is {bundle.precision}; the ONNX Runtime CPU backend runs "
                 f"{' and '.join(ONNX_PRECISIONS)} bundles (re-export with one of them, or use the tensorrt "
                 "backend for fp16)"
             )
-        super().__init__(bundle, seed)
-        ort = _import_ort()
-        self._ort = ort
+        self.bundle = bundle
+        self._ort = _import_ort()
         so = session_options(threads)
-        providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}
         for name, spec in bundle.graphs.items():
             path = bundle.engine_path("onnx", name)
@@ -105,32 +106,31 @@ class OnnxPolicy(BundlePolicy):
                 raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({e})") from None
             check_io(path, spec, _signature(sess.get_inputs()), _signature(sess.get_outputs()))
             self.sessions[name] = sess
-
-        # one buffer per tensor name (shared across graphs), each wrapped once in an OrtValue
         self.buffers: dict[str, np.ndarray] = {}
         self._values: dict[str, object] = {}
+        cfg = bundle.config
+        for kind in "kv":  # the host cache; the step's per-layer inputs are views of it (same memory)
+            cache = self._add_buffer(f"cache_{kind}", np.zeros(cache_shape(cfg, bundle.batch), np.float32))
+            for i, name in enumerate(layer_cache_names(kind, cfg.depth)):
+                self._add_buffer(name, cache[i])
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
                 key = _ALIASES.get(t.name, t.name)
                 if key not in self.buffers and key != "x_next":  # x_next: bound to x / x_alt below
-                    self._add_buffer(key, t)
+                    self._add_buffer(key, np.zeros(t.shape, dtype=np.dtype(t.dtype)))
         if bundle.sampler_graph == "loop":
-            self._add_buffer("x_alt", bundle.graphs["denoise"].tensor("x"))
-
-        self._bindings = {}
-        for name in bundle.graphs:
-            if name != "denoise":
-                self._bindings[name] = self._bind(name, {})
+            self._add_buffer("x_alt", np.zeros(bundle.graphs["denoise"].tensor("x").shape, np.float32))
+        self._bindings = {name: self._bind(name, {}) for name in bundle.graphs if name != "denoise"}
         if bundle.sampler_graph == "loop":  # ping-pong: x -> x_alt, then x_alt -> x
             self._bindings["denoise_even"] = self._bind("denoise", {"x": "x", "x_next": "x_alt"})
             self._bindings["denoise_odd"] = self._bind("denoise", {"x": "x_alt", "x_next": "x"})
-        self._cache_k, self._cache_v = self.buffers["cache_k"], self.buffers["cache_v"]
-        self._new_k, self._new_v = self.buffers["new_k"], self.buffers["new_v"]
+        self.cache_k, self.cache_v = self.buffers["cache_k"], self.buffers["cache_v"]
+        self.block_len = int(bundle.manifest["cache"]["block_len"])
 
-    def _add_buffer(self, key: str, t: TensorSpec) -> None:
-        buf = np.zeros(t.shape, dtype=np.dtype(t.dtype))
+    def _add_buffer(self, key: str, buf: np.ndarray) -> np.ndarray:
         self.buffers[key] = buf
-        self._values[key] = self._ort.OrtValue.ortvalue_from_numpy(buf)
+        self._values[key] = self._ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory (contiguous)
+        return buf
 
     def _bind(self, graph: str, rename: dict[str, str]):
         sess = self.sessions[graph]
@@ -142,17 +142,69 @@ class OnnxPolicy(BundlePolicy):
             io.bind_ortvalue_output(t.name, self._values[rename.get(t.name, t.name)])
         return sess, io
 
-    def _run(self, binding: str) -> None:
+    def run(self, binding: str) -> None:
         sess, io = self._bindings[binding]
         sess.run_with_iobinding(io)
 
+    def reset_row(self, row: int, instruction: str) -> None:
+        """Zero row ``row`` of the cache and write the instruction's text prefix into its first slots."""
+        k, v = self.bundle.prefix(instruction)  # [layers, 1, H, K_t, hd]
+        for cache, pre in ((self.cache_k, k), (self.cache_v, v)):
+            cache[:, row] = 0.0
+            cache[:, row, :, : pre.shape[3]] = pre[:, 0]
+
+    def step(self, rows) -> None:
+        """Run the step graph on the staged inputs; commit the new keys/values of ``rows`` (each at its own
+        ``pos``, which the caller keeps < max_blocks); other rows' caches are left as they were."""
+        self.run("step")
+        new_k, new_v, pos = self.buffers["new_k"], self.buffers["new_v"], self.buffers["pos"]
+        for r in rows:
+            s = self.bundle.slot(int(pos[r]))
+            self.cache_k[:, r, :, s : s + self.block_len] = new_k[:, r]
+            self.cache_v[:, r, :, s : s + self.block_len] = new_v[:, r]
+
+    def sample(self, noise: np.ndarray) -> np.ndarray:
+        """noise ``[K+1, B, L, A]`` -> normalised chunks ``[B, L, A]`` from the staged ``action_cond`` (a copy)."""
+        b = self.buffers
+        if self.bundle.sampler_graph == "unrolled":
+            b["noise"][:] = noise
+            self.run("sampler")
+            return b["actions"].copy()
+        self.run("condition")
+        b["x"][:] = noise[0]
+        steps = self.bundle.steps
+        for k in range(steps):
+            b["k"][0] = k
+            b["z"][:] = noise[k + 1]
+            self.run("denoise_even" if k % 2 == 0 else "denoise_odd")
+        return (b["x_alt"] if steps % 2 else b["x"]).copy()
+
+
+class OnnxPolicy(BundlePolicy):
+    """Runs a batch-1 bundle's ONNX graphs with ONNX Runtime (CPU by default).
+
+    Bundle precisions: ``fp32`` and ``int8`` (``par_deploy.export.precision``: the quantized graphs keep fp32
+    inputs and outputs, so the buffers and bindings are the same). ``threads``: intra-op threads per session
+    (None: 1). ``providers``: ONNX Runtime execution providers
+    (default ``["CPUExecutionProvider"]``; buffers live in host memory, so other providers copy per call).
+    A bundle exported with ``--batch N > 1`` runs through ``OnnxBatchPolicy`` (``runtime.load_batch``).
+    """
+
+    backend = "onnx"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None):
+        if bundle.batch != 1:
+            raise BundleError(
+                f"{bundle.path}: this bundle runs {bundle.batch} episodes per engine call; load it with "
+                "par_deploy.runtime.load_batch (BatchPolicy.act_batch), or export with --batch 1"
+            )
+        graphs = OrtGraphs(bundle, threads, providers)
+        super().__init__(bundle, seed)
+        self.graphs, self.sessions, self.buffers = graphs, graphs.sessions, graphs.buffers
+
     # -- Policy hooks ------------------------------------------------------------------------------
     def _reset(self, instruction: str) -> None:
-        k, v = self.prefix(instruction)
-        Kt = self.text_slots
-        for cache, pre in ((self._cache_k, k), (self._cache_v, v)):
-            cache.fill(0.0)
-            cache[:, :, :, :Kt] = pre
+        self.graphs.reset_row(0, instruction)
 
     def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the cache; fills the ``action_cond`` / ``frame_hidden`` buffers."""
@@ -162,26 +214,12 @@ class OnnxPolicy(BundlePolicy):
             b["state"][0] = state
         b["prev_actions"][0] = prev_chunk
         b["first"][0] = first
-        b["pos"][0] = step
-        self._run("step")
-        s = self.slot(step)  # Policy.act guarantees step < max_blocks, so the block fits
-        self._cache_k[:, :, :, s : s + self.block_len] = self._new_k
-        self._cache_v[:, :, :, s : s + self.block_len] = self._new_v
+        b["pos"][0] = step  # Policy.act guarantees step < max_blocks, so the block fits
+        self.graphs.step((0,))
 
     def sample(self, noise: np.ndarray) -> np.ndarray:
         """Sample a normalised chunk ``[L, A]`` from the current ``action_cond``; noise ``[K+1, L, A]``."""
-        b = self.buffers
-        if self.sampler_graph == "unrolled":
-            b["noise"][:, 0] = noise
-            self._run("sampler")
-            return b["actions"][0].copy()
-        self._run("condition")
-        b["x"][0] = noise[0]
-        for k in range(self.denoise_steps):
-            b["k"][0] = k
-            b["z"][0] = noise[k + 1]
-            self._run("denoise_even" if k % 2 == 0 else "denoise_odd")
-        return (b["x_alt"] if self.denoise_steps % 2 else b["x"])[0].copy()
+        return self.graphs.sample(noise[:, None])[0]
 
     @property
     def last_action_cond(self) -> np.ndarray:
@@ -190,3 +228,38 @@ class OnnxPolicy(BundlePolicy):
     @property
     def last_frame_hidden(self) -> np.ndarray:
         return self.buffers["frame_hidden"][0].copy()
+
+
+class OnnxBatchPolicy(BatchPolicy):
+    """``BatchPolicy`` on a bundle exported with ``--batch N``: N episodes per ONNX Runtime call."""
+
+    backend = "onnx"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None):
+        graphs = OrtGraphs(bundle, threads, providers)
+        super().__init__(bundle, seed)
+        self.graphs, self.buffers = graphs, graphs.buffers
+
+    def _reset_row(self, row: int, instruction: str) -> None:
+        self.graphs.reset_row(row, instruction)
+
+    def step_rows(self, rgb, state, prev_chunk, first, pos, rows) -> None:
+        b = self.buffers
+        b["rgb"][:] = rgb
+        if "state" in b:
+            b["state"][:] = state
+        b["prev_actions"][:] = prev_chunk
+        b["first"][:] = first
+        b["pos"][:] = pos
+        self.graphs.step(rows)
+
+    def sample_rows(self, noise: np.ndarray) -> np.ndarray:
+        return self.graphs.sample(noise)
+
+    @property
+    def last_action_cond(self) -> np.ndarray:
+        return self.buffers["action_cond"].copy()
+
+    @property
+    def last_frame_hidden(self) -> np.ndarray:
+        return self.buffers["frame_hidden"].copy()

@@ -137,6 +137,17 @@ class Policy(ABC):
         call, when it differs from the one returned (safety override, demonstration replay); the policy
         normalises it as training did and conditions on it. Refused at the first step of an episode.
         """
+        block, noise = self._prepare(observation, noise, executed)
+        self.step_block(*block, self._pos)
+        if self.spec.overflow == "slide":
+            self._window.append((block[0].copy(), block[1].copy(), *block[2:]))
+        return self._finish(self.sample(noise))
+
+    def _prepare(
+        self, observation: dict[str, np.ndarray], noise: np.ndarray | None, executed: np.ndarray | None
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, bool], np.ndarray]:
+        """Validate one call's inputs (nothing is written before they all pass; a full sliding cache slides)
+        -> the block ``(rgb, normalised state, normalised previous chunk, first)`` and the noise."""
         if self._instruction is None:
             raise RuntimeError("call reset(instruction) before act()")
         if self._poisoned_at is not None:
@@ -166,11 +177,10 @@ class Policy(ABC):
         noise = check_array(noise, "noise", self.noise_shape(), np.float32)
         if self._pos >= s.max_blocks:
             self._slide()
-        block = (rgb, state, prev.copy(), self._step == 0)
-        self.step_block(*block, self._pos)
-        if s.overflow == "slide":
-            self._window.append((rgb.copy(), state.copy(), *block[2:]))
-        chunk = self.sample(noise)  # normalised
+        return (rgb, state, prev.copy(), self._step == 0), noise
+
+    def _finish(self, chunk: np.ndarray) -> np.ndarray:
+        """The sampled normalised chunk -> controller units (``ActionError`` if not finite); feeds it back."""
         if not np.isfinite(chunk).all():
             self._poisoned_at = self._step
             raise ActionError(

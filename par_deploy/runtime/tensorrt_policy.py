@@ -2,7 +2,8 @@
 ``par_deploy.export.tensorrt.build_engines``) run with the TensorRT >= 10 named-tensor API; device memory and
 copies use the CUDA runtime from ``cuda-python`` (no torch).
 
-All device buffers are allocated once. The cache stays on the device: each step the engine's
+All device buffers are allocated once. The cache stays on the device (one ``[layers, 1, H, S, hd]`` buffer per
+keys/values; the step engine's per-layer inputs ``cache_k_i`` point into it): each step the engine's
 ``new_k``/``new_v`` are copied device-to-device into the block's slots with one ``cudaMemcpy2DAsync`` per
 cache (rows = layers x heads). The K+1 noise draws are uploaded once per chunk; in the loop form the denoise
 engine's ``z``/``k`` inputs point into them and ``x``/``x_next`` ping-pong between two buffers, so the loop
@@ -13,7 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec, check_io
+from par_deploy.runtime.bundle import (
+    BackendUnavailable,
+    Bundle,
+    BundleError,
+    TensorSpec,
+    cache_shape,
+    check_io,
+    layer_cache_names,
+)
 from par_deploy.runtime.bundle_policy import BundlePolicy
 
 _ALIASES = {"cond": "action_cond"}
@@ -101,11 +110,17 @@ class TensorRTPolicy(BundlePolicy):
 
         # host staging buffers for what crosses the PCIe bus; device buffers for every tensor
         self.host = {}
+        layer_bytes = int(np.prod(cache_shape(bundle.config)[1:])) * 4
+        layer_inputs = {}  # the step's per-layer cache inputs: addresses inside the one device cache
+        for kind in "kv":
+            self._alloc(f"cache_{kind}", layer_bytes * bundle.config.depth)
+            for i, name in enumerate(layer_cache_names(kind, bundle.config.depth)):
+                layer_inputs[name] = (f"cache_{kind}", i * layer_bytes)
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
                 key = _ALIASES.get(t.name, t.name)
-                if key in self._ptrs or key in ("x", "x_next", "z", "k", "noise"):  # set per call, see _act
-                    continue
+                if key in self._ptrs or key in layer_inputs or key in ("x", "x_next", "z", "k", "noise"):
+                    continue  # x, x_next, z, k, noise: set per call, see sample
                 buf = np.zeros(t.shape, np.dtype(t.dtype))
                 if key in _HOST_IO:
                     self.host[key] = buf
@@ -123,7 +138,10 @@ class TensorRTPolicy(BundlePolicy):
             ctx = self.contexts[name]
             for t in spec.inputs + spec.outputs:
                 key = _ALIASES.get(t.name, t.name)
-                if key in self._ptrs:
+                if key in layer_inputs:
+                    cache, offset = layer_inputs[key]
+                    ctx.set_tensor_address(t.name, self._ptrs[cache] + offset)
+                elif key in self._ptrs:
                     ctx.set_tensor_address(t.name, self._ptrs[key])
         c = bundle.manifest["cache"]
         self._row_slots, self._head_dim, self._rows = (

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec
+from par_deploy.runtime.bundle import (
+    BackendUnavailable,
+    Bundle,
+    BundleError,
+    TensorSpec,
+    cache_shape,
+    layer_cache_names,
+)
 from par_deploy.runtime.bundle_policy import BundlePolicy
 
 
@@ -41,6 +48,10 @@ class TorchScriptPolicy(BundlePolicy):
             except Exception as e:  # torch.jit.load raises RuntimeError/ValueError variants for foreign files
                 raise BundleError(f"{path}: not a loadable TorchScript module ({e})") from None
         self.buffers = {}
+        for kind in "kv":  # the host cache; the step's per-layer inputs are views of it
+            cache = self.buffers[f"cache_{kind}"] = torch.zeros(cache_shape(bundle.config, 1))
+            for i, name in enumerate(layer_cache_names(kind, bundle.config.depth)):
+                self.buffers[name] = cache[i]
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
                 if t.name not in self.buffers:
