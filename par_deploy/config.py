@@ -323,6 +323,16 @@ class PARConfig:
     def max_seq_len(self) -> int:
         return self.num_text_tokens + self.max_blocks * self.block_len
 
+    # --- cache geometry: the one implementation the model, the exporter and every runtime backend use ---
+    def block_slot(self, block):
+        """First KV-cache slot of block ``block`` (an int, or an int64 tensor inside a traced graph): the text
+        prefix fills slots ``0 .. K_t - 1``, block n slots ``K_t + n*Bl .. K_t + (n+1)*Bl - 1``."""
+        return self.num_text_tokens + block * self.block_len
+
+    def cache_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
+        """``[layers, batch, heads, max_seq_len, head_dim]``: one static cache (keys or values)."""
+        return (self.depth, batch, self.heads, self.max_seq_len, self.dim // self.heads)
+
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -225,6 +225,10 @@ def test_bundle_for_another_model_is_refused(tiny, custom, tmp_path):
     _rewrite(b2, lambda m: m.update(format_version=BUNDLE_FORMAT_VERSION + 1))
     with pytest.raises(BundleError, match="newer"):
         load_policy(b2, "onnx")
+    # format 1 (graph input ``cond``, before ``action_cond`` was one name end to end): a re-export hint
+    _rewrite(b2, lambda m: m.update(format_version=1))
+    with pytest.raises(BundleError, match="older than this par-deploy reads.*re-export"):
+        load_policy(b2, "onnx")
     _rewrite(b2, lambda m: m.update(format="something-else"))
     with pytest.raises(BundleError, match="not a par-deploy bundle"):
         load_policy(b2, "onnx")

@@ -19,9 +19,10 @@ Graphs (all shapes static, batch 1):
   (block index), ``cache_k``/``cache_v`` float32 ``[layers,1,H,S,hd]`` (read only) -> ``action_cond``
   ``[1,L,D]``, ``frame_hidden`` ``[1,K_o,D]``, ``new_k``/``new_v`` ``[layers,1,H,Bl,hd]``. The host writes
   ``new_k``/``new_v`` into its cache at slots ``K_t + pos * Bl ..``.
-- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,1,L,A]``, ``cond`` ``[1,L,D]`` -> ``actions``
-  ``[1,L,A]`` (the K denoiser calls unrolled, schedule constants baked in).
-- sampler, ``"loop"`` form: ``condition``: ``cond`` -> ``cond_k``/``cond_v``
+- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,1,L,A]``, ``action_cond`` ``[1,L,D]`` (the step's
+  output, one name end to end) -> ``actions`` ``[1,L,A]`` (the K denoiser calls unrolled, schedule constants
+  baked in).
+- sampler, ``"loop"`` form: ``condition``: ``action_cond`` -> ``cond_k``/``cond_v``
   ``[dit_depth,1,dit_heads,L,dit_hd]`` (cross-attention keys/values, once per control step) and
   ``denoise``: ``x`` ``[1,L,A]``, ``k`` int64 ``[1]`` (step index into the baked schedule), ``z`` ``[1,L,A]``,
   ``cond_k``, ``cond_v`` -> ``x_next`` ``[1,L,A]``, called K times by the runner.
@@ -45,7 +46,9 @@ from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import PolicySpec
 
 BUNDLE_FORMAT = "par-deploy-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# Format 2: the sampler/condition graphs' input is ``action_cond`` (format 1 called it ``cond``); older formats
+# are refused with a re-export hint (bundles are build output).
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TEXT_PREFIX_FILE = "text_prefix.npz"
 BACKENDS = ("onnx", "torchscript", "tensorrt")
@@ -127,17 +130,12 @@ def cache_layout(cfg: PARConfig) -> dict[str, int]:
     }
 
 
-def cache_shape(cfg: PARConfig) -> tuple[int, ...]:
-    """``[layers, 1, heads, max_seq_len, head_dim]``: one static cache (keys or values) for batch 1."""
-    return (cfg.depth, 1, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
-
-
 def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, GraphSpec]:
     """The signatures of every graph a bundle holds, derived from the config alone."""
     if sampler_graph not in SAMPLER_GRAPHS:
         raise ConfigError(f"sampler graph must be one of {SAMPLER_GRAPHS}, got {sampler_graph!r}")
     L, A, D, hd = cfg.chunk_len, cfg.action_dim, cfg.dim, cfg.dim // cfg.heads
-    cache = cache_shape(cfg)
+    cache = cfg.cache_shape()
     delta = (cfg.depth, 1, cfg.heads, cfg.block_len, hd)
     step_in = [TensorSpec("rgb", "uint8", (1, cfg.num_cameras, cfg.image_size, cfg.image_size, 3))]
     if cfg.state_dim:
@@ -156,7 +154,7 @@ def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, Gra
         TensorSpec("new_v", "float32", delta),
     )
     specs = {"step": GraphSpec("step", tuple(step_in), step_out)}
-    cond = TensorSpec("cond", "float32", (1, L, D))
+    cond = step_out[0]  # the sampler reads the step's action_cond
     x = TensorSpec("x", "float32", (1, L, A))
     if sampler_graph == "unrolled":
         specs["sampler"] = GraphSpec(
@@ -306,6 +304,12 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(
             f"{path}: bundle format_version {version} is newer than this par-deploy supports "
             f"({BUNDLE_FORMAT_VERSION}); upgrade par-deploy or re-export the bundle"
+        )
+    if version < BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version} is older than this par-deploy reads ({BUNDLE_FORMAT_VERSION}: "
+            "graph I/O names changed); re-export the bundle from its checkpoint (par-deploy export CKPT --out DIR "
+            "--overwrite)"
         )
     required = (
         "checkpoint_hash",
