@@ -97,6 +97,50 @@ OVERFLOWS = ("error", "slide")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a model was trained for: the typed view of the task fields of ``config.extra``.
+
+    ``config.json`` keeps them in ``extra`` (every checkpoint since format 1 has them there, written from the
+    dataset's ``meta.json`` by ``train/dataset.py``), so no checkpoint needs re-saving; read them through
+    ``PARConfig.task_info``, write them with ``to_extra``. ``None`` / empty: not recorded (a synthetic or
+    hand-built config).
+    """
+
+    task: str | None = None  # par_deploy.sim.TASKS key, e.g. "PushCube"
+    env_id: str | None = None  # the ManiSkill id, e.g. "PushCube-v1"
+    control_mode: str | None = None  # the controller of the training actions, e.g. "pd_ee_delta_pos"
+    max_episode_steps: int | None = None  # the demonstrations' horizon (env steps)
+    state_keys: tuple[tuple[str, int], ...] = ()  # observation keys and widths concatenated into the state
+
+    KEYS = ("task", "env_id", "control_mode", "max_episode_steps", "state_keys")
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any], source: str = "config") -> TaskInfo:
+        """Parse the task fields of an ``extra`` dict (other keys, e.g. provenance, are ignored)."""
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{source}.extra must be a JSON object, got {type(extra).__name__}")
+        for key in ("task", "env_id", "control_mode"):
+            if extra.get(key) is not None and not isinstance(extra[key], str):
+                raise ConfigError(f"{source}.extra.{key} must be a string, got {extra[key]!r}")
+        steps = extra.get("max_episode_steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+            raise ConfigError(f"{source}.extra.max_episode_steps must be a positive integer, got {steps!r}")
+        keys = extra.get("state_keys") or ()
+        try:
+            state_keys = tuple((str(k), int(n)) for k, n in keys)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}.extra.state_keys must be a list of [key, width] pairs, got {keys!r}") from None
+        return cls(extra.get("task"), extra.get("env_id"), extra.get("control_mode"), steps, state_keys)
+
+    def to_extra(self) -> dict[str, Any]:
+        """The ``extra`` entries (JSON types) of the recorded fields."""
+        d = {k: getattr(self, k) for k in self.KEYS if k != "state_keys" and getattr(self, k) is not None}
+        if self.state_keys:
+            d["state_keys"] = [[k, n] for k, n in self.state_keys]
+        return d
+
+
 @dataclass
 class PARConfig:
     # --- embodiment and data -------------------------------------------------------------------
@@ -170,7 +214,8 @@ class PARConfig:
     # --- ablations (paper §5.3) ------------------------------------------------------------------
     variant: str = "full"  # "noar": no transformer; "discrete": MLP regression de-tokenizers
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (task, control mode, ...)
+    # the training task (typed: ``task_info``, ``TaskInfo``) and free-form provenance (``made_from``, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.instructions = tuple(self.instructions)
@@ -228,6 +273,7 @@ class PARConfig:
         if self.dit_dim % self.dit_heads:
             raise ConfigError(f"config.dit_dim={self.dit_dim} must be divisible by dit_heads={self.dit_heads}")
         self._check_nova_choices()
+        TaskInfo.from_extra(self.extra)  # a ConfigError names a mistyped task field
         if self.latent_size % self.patch_size:
             raise ConfigError(
                 f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
@@ -265,6 +311,11 @@ class PARConfig:
             raise ConfigError("config.frame_embed 'conv' works on the patch_size grid: leave video_patch_size 0")
         if self.text_embed == "nova" and not self.text_encoder_path:
             raise ConfigError("config.text_embed 'nova' projects a text encoder's features: set text_encoder_path")
+
+    @property
+    def task_info(self) -> TaskInfo:
+        """The task this model was trained for (``extra``'s task fields, typed)."""
+        return TaskInfo.from_extra(self.extra)
 
     # --- derived sizes -------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from par_deploy.config import PARConfig
 from par_deploy.errors import ParError
 from par_deploy.eval.protocol import EvalError
 from par_deploy.runtime.policy import PolicySpec
@@ -33,20 +34,12 @@ class SourceInfo:
     control_mode: str | None  # the controller of its training actions (None: unknown)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> SourceInfo:
-        """From a model config dict (``config.json`` or a bundle manifest's ``config``)."""
-        extra = cfg.get("extra") or {}
-        spec = PolicySpec(
-            int(cfg["num_cameras"]),
-            int(cfg["image_size"]),
-            int(cfg["state_dim"]),
-            int(cfg["action_dim"]),
-            int(cfg["chunk_len"]),
-            int(cfg["max_blocks"]),
-            tuple(cfg["instructions"]),
-            cfg.get("overflow", "error"),
-        )
-        return cls(spec, extra.get("task"), extra.get("control_mode"))
+    def from_config(cls, cfg: dict[str, Any], source: str = "config") -> SourceInfo:
+        """From a model config dict (``config.json`` or a bundle manifest's ``config``); ``source`` names it in
+        errors."""
+        config = PARConfig.from_dict(cfg, source=source)
+        task = config.task_info
+        return cls(PolicySpec.from_config(config), task.task, task.control_mode)
 
 
 class PolicySource(ABC):
@@ -106,7 +99,7 @@ class CheckpointSource(PolicySource):
         return _read_json(path / "config.json")
 
     def info(self) -> SourceInfo:
-        return SourceInfo.from_config(self.config())
+        return SourceInfo.from_config(self.config(), source=str(Path(self.path) / "config.json"))
 
     def identity(self) -> dict[str, Any]:
         from par_deploy.runtime.bundle import checkpoint_digest
@@ -146,7 +139,7 @@ class EngineSource(PolicySource):
         return read_manifest(self.path)
 
     def info(self) -> SourceInfo:
-        return SourceInfo.from_config(self.manifest()["config"])
+        return SourceInfo.from_config(self.manifest()["config"], source=f"{Path(self.path) / 'manifest.json'}: config")
 
     def identity(self) -> dict[str, Any]:
         m = self.manifest()
