@@ -88,7 +88,7 @@ def test_ddp_on_gloo_with_two_processes(demos, tmp_path):
         str(tmp_path / "ddp"),
         "--preset",
         "tiny",
-        "--steps",
+        "--optimizer-steps",
         "3",
         "--batch-size",
         "2",
