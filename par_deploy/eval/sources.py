@@ -102,12 +102,12 @@ class CheckpointSource(PolicySource):
         return SourceInfo.from_config(self.config(), source=str(Path(self.path) / "config.json"))
 
     def identity(self) -> dict[str, Any]:
-        from par_deploy.runtime.bundle import checkpoint_digest
+        from par_deploy.files import checkpoint_hash
 
         cfg = self.config()
         return {
             "kind": "checkpoint",
-            "checkpoint_hash": checkpoint_digest(self.path),
+            "checkpoint_hash": checkpoint_hash(self.path),
             "sampler": self.sampler or cfg["sampler"],
             "steps": int(self.steps or cfg["sample_steps"]),
         }
@@ -212,13 +212,13 @@ def reference_for(engine: EngineSource, checkpoint: str | os.PathLike | None = N
 
     ``checkpoint`` defaults to the bundle's source checkpoint (``par_deploy.locate.source_checkpoint``); it must
     be the checkpoint the bundle was exported from (same sha256)."""
+    from par_deploy.files import checkpoint_hash
     from par_deploy.locate import source_checkpoint
-    from par_deploy.runtime.bundle import checkpoint_digest
 
     m = engine.manifest()
     try:
         checkpoint = checkpoint if checkpoint is not None else source_checkpoint(engine.path, m)
-        digest = checkpoint_digest(checkpoint)
+        digest = checkpoint_hash(checkpoint)
     except ParError as e:
         raise EvalError(str(e)) from None
     if digest != m["checkpoint_hash"]:

@@ -30,7 +30,6 @@ Graphs (all shapes static, batch 1):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -40,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from par_deploy.config import PARConfig
-from par_deploy.errors import ConfigError, ParError
-from par_deploy.files import atomic_write
+from par_deploy.errors import CheckpointError, ConfigError, ParError
+from par_deploy.files import atomic_write, checkpoint_hash, sha256_file
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import PolicySpec
 
@@ -186,14 +185,6 @@ def tensorrt_profiles(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[tup
 # files and hashes
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (a reader never sees a half-written manifest)."""
     atomic_write(root / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
@@ -205,19 +196,6 @@ def file_entry(root: Path, path: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
     }
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 over a checkpoint's config, weights and statistics (the same value as
-    ``par_deploy.checkpoint.checkpoint_hash``, computed without importing torch)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "normalization.json"):
-        p = Path(path) / name
-        if not p.is_file():
-            raise BundleError(f"{p}: missing checkpoint file (cannot check which checkpoint a bundle was built from)")
-        h.update(name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,7 +335,10 @@ def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: 
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{mpath}: invalid model config ({e})") from None
     if checkpoint is not None:
-        digest = checkpoint_digest(checkpoint)
+        try:
+            digest = checkpoint_hash(checkpoint)
+        except CheckpointError as e:
+            raise BundleError(f"{e}; cannot check which checkpoint the bundle {root} was built from") from None
         if digest != m["checkpoint_hash"]:
             raise BundleError(
                 f"{mpath}: bundle was exported from checkpoint {m['checkpoint_hash'][:12]}..., not from "
