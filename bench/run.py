@@ -122,7 +122,7 @@ def _machine(threads: int) -> dict:
 def _memory(kind: str, path: Path, threads: int, k: int | None = None, sampler: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "par_deploy.bench.memory", kind, str(path), "--threads", str(threads)]
     if k is not None:
-        cmd += ["--k", str(k), "--sampler", sampler]
+        cmd += ["--denoise-steps", str(k), "--sampler", sampler]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
     )

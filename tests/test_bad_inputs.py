@@ -462,7 +462,7 @@ BAD = {
     "train": ["train", "{missing}", "--out", "{tmp}/run"],
     "slim": ["slim", "{missing}", "--out", "{tmp}/s"],
     "demos": ["demos", "--task", "FlyToTheMoon", "-n", "1", "--out", "{tmp}/d"],
-    "demo": ["demo", "--checkpoint", "{missing}", "--steps", "1"],
+    "demo": ["demo", "--checkpoint", "{missing}", "--control-steps", "1"],
     "eval": ["eval", "--engine", "{missing}", "--episodes", "1"],
 }
 

@@ -22,9 +22,10 @@ exported with ``--batch``):
   splits or concatenates the cache) -> ``action_cond`` ``[B,L,D]``, ``frame_hidden`` ``[B,K_o,D]``,
   ``new_k``/``new_v`` ``[layers,B,H,Bl,hd]``. The host writes row b of ``new_k``/``new_v`` into its cache at
   slots ``K_t + pos[b] * Bl ..``.
-- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,B,L,A]``, ``cond`` ``[B,L,D]`` -> ``actions``
-  ``[B,L,A]`` (the K denoiser calls unrolled, schedule constants baked in).
-- sampler, ``"loop"`` form: ``condition``: ``cond`` -> ``cond_k``/``cond_v``
+- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,B,L,A]``, ``action_cond`` ``[B,L,D]`` (the step's
+  output, one name end to end) -> ``actions`` ``[B,L,A]`` (the K denoiser calls unrolled, schedule constants
+  baked in).
+- sampler, ``"loop"`` form: ``condition``: ``action_cond`` -> ``cond_k``/``cond_v``
   ``[dit_depth,B,dit_heads,L,dit_hd]`` (cross-attention keys/values, once per control step) and
   ``denoise``: ``x`` ``[B,L,A]``, ``k`` int64 ``[1]`` (step index into the baked schedule), ``z`` ``[B,L,A]``,
   ``cond_k``, ``cond_v`` -> ``x_next`` ``[B,L,A]``, called K times by the runner.
@@ -32,7 +33,6 @@ exported with ``--batch``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -42,14 +42,16 @@ from typing import Any
 import numpy as np
 
 from par_deploy.config import PARConfig
-from par_deploy.errors import ConfigError, ParError
-from par_deploy.files import atomic_write
+from par_deploy.errors import CheckpointError, ConfigError, ParError
+from par_deploy.files import atomic_write, checkpoint_hash, sha256_file
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import PolicySpec
 
 BUNDLE_FORMAT = "par-deploy-bundle"
-# 2: one cache input per layer (cache_k_i / cache_v_i) and a batch dimension (manifest "batch")
-BUNDLE_FORMAT_VERSION = 2
+# Format 2: the sampler/condition graphs' input is ``action_cond`` (format 1 called it ``cond``); format 3: one
+# step-graph cache input per layer (``cache_k_i`` / ``cache_v_i``) and a batch dimension (manifest ``batch``).
+# Older formats are refused with a re-export hint (bundles are build output).
+BUNDLE_FORMAT_VERSION = 3
 MAX_BATCH = 256  # episodes per engine call (a sanity bound on --batch)
 MANIFEST_FILE = "manifest.json"
 TEXT_PREFIX_FILE = "text_prefix.npz"
@@ -132,12 +134,6 @@ def cache_layout(cfg: PARConfig) -> dict[str, int]:
     }
 
 
-def cache_shape(cfg: PARConfig, batch: int = 1) -> tuple[int, ...]:
-    """``[layers, batch, heads, max_seq_len, head_dim]``: the host's static cache (keys or values); the step
-    graph takes one ``[batch, heads, max_seq_len, head_dim]`` input per layer (``layer_cache_names``)."""
-    return (cfg.depth, batch, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
-
-
 def layer_cache_names(kind: str, layers: int) -> list[str]:
     """Step-graph input names of one cache (``kind`` ``"k"`` or ``"v"``): ``cache_k_0 .. cache_k_{layers-1}``."""
     return [f"cache_{kind}_{i}" for i in range(layers)]
@@ -155,7 +151,7 @@ def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str, batch: int = 1) 
         raise ConfigError(f"sampler graph must be one of {SAMPLER_GRAPHS}, got {sampler_graph!r}")
     B = check_batch(batch)
     L, A, D, hd = cfg.chunk_len, cfg.action_dim, cfg.dim, cfg.dim // cfg.heads
-    layer = cache_shape(cfg, B)[1:]
+    layer = cfg.cache_shape(B)[1:]
     delta = (cfg.depth, B, cfg.heads, cfg.block_len, hd)
     step_in = [TensorSpec("rgb", "uint8", (B, cfg.num_cameras, cfg.image_size, cfg.image_size, 3))]
     if cfg.state_dim:
@@ -173,7 +169,7 @@ def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str, batch: int = 1) 
         TensorSpec("new_v", "float32", delta),
     )
     specs = {"step": GraphSpec("step", tuple(step_in), step_out)}
-    cond = TensorSpec("cond", "float32", (B, L, D))
+    cond = step_out[0]  # the sampler reads the step's action_cond
     x = TensorSpec("x", "float32", (B, L, A))
     if sampler_graph == "unrolled":
         specs["sampler"] = GraphSpec(
@@ -205,14 +201,6 @@ def tensorrt_profiles(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[tup
 # files and hashes
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (a reader never sees a half-written manifest)."""
     atomic_write(root / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
@@ -224,19 +212,6 @@ def file_entry(root: Path, path: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
     }
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 over a checkpoint's config, weights and statistics (the same value as
-    ``par_deploy.checkpoint.checkpoint_hash``, computed without importing torch)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "normalization.json"):
-        p = Path(path) / name
-        if not p.is_file():
-            raise BundleError(f"{p}: missing checkpoint file (cannot check which checkpoint a bundle was built from)")
-        h.update(name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,11 +249,6 @@ class Bundle:
     def batch(self) -> int:
         """Independent episodes per engine call (``par-deploy export --batch``)."""
         return int(self.manifest.get("batch", 1))
-
-    def slot(self, step: int) -> int:
-        """First cache slot of block ``step``: ``K_t + step * Bl``."""
-        c = self.manifest["cache"]
-        return int(c["text_slots"]) + step * int(c["block_len"])
 
     def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
@@ -335,15 +305,16 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     version = m.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise BundleError(f"{path}: invalid format_version {version!r}")
-    if version < BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: bundle format_version {version} predates this par-deploy's step graph (one cache input "
-            f"per layer, format {BUNDLE_FORMAT_VERSION}); re-export the bundle with par-deploy export"
-        )
     if version > BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format_version {version} is newer than this par-deploy supports "
             f"({BUNDLE_FORMAT_VERSION}); upgrade par-deploy or re-export the bundle"
+        )
+    if version < BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version} is older than this par-deploy reads ({BUNDLE_FORMAT_VERSION}: "
+            "graph I/O names and the step's cache inputs changed); re-export the bundle from its checkpoint "
+            "(par-deploy export CKPT --out DIR --overwrite)"
         )
     required = (
         "checkpoint_hash",
@@ -391,7 +362,10 @@ def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: 
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{mpath}: invalid model config ({e})") from None
     if checkpoint is not None:
-        digest = checkpoint_digest(checkpoint)
+        try:
+            digest = checkpoint_hash(checkpoint)
+        except CheckpointError as e:
+            raise BundleError(f"{e}; cannot check which checkpoint the bundle {root} was built from") from None
         if digest != m["checkpoint_hash"]:
             raise BundleError(
                 f"{mpath}: bundle was exported from checkpoint {m['checkpoint_hash'][:12]}..., not from "

@@ -7,7 +7,7 @@ copied whole:
 - the step graph reads the cache in place: its per-layer inputs ``cache_k_i`` are bound to views of one
   ``[layers, B, H, S, hd]`` buffer; it writes only the new block's keys/values, which the host copies into
   each row's slots (DESIGN §4: the fastest CPU path measured);
-- the step graph's ``action_cond`` buffer is bound directly as the sampler's ``cond`` input;
+- the step graph's ``action_cond`` output buffer is bound directly as the sampler's ``action_cond`` input;
 - in the loop form, ``condition`` writes ``cond_k``/``cond_v`` buffers that ``denoise`` reads, and ``x`` /
   ``x_next`` ping-pong between two buffers (two bindings).
 """
@@ -22,7 +22,6 @@ from par_deploy.runtime.bundle import (
     Bundle,
     BundleError,
     TensorSpec,
-    cache_shape,
     check_io,
     layer_cache_names,
 )
@@ -37,7 +36,6 @@ _ORT_TYPES = {
     "tensor(int32)": "int32",
 }
 ONNX_PRECISIONS = ("fp32", "int8")  # int8: dynamically quantized MatMul weights, fp32 graph inputs/outputs
-_ALIASES = {"cond": "action_cond"}  # sampler/condition input ``cond`` is the step's ``action_cond`` buffer
 
 
 def _import_ort():
@@ -110,14 +108,13 @@ class OrtGraphs:
         self._values: dict[str, object] = {}
         cfg = bundle.config
         for kind in "kv":  # the host cache; the step's per-layer inputs are views of it (same memory)
-            cache = self._add_buffer(f"cache_{kind}", np.zeros(cache_shape(cfg, bundle.batch), np.float32))
+            cache = self._add_buffer(f"cache_{kind}", np.zeros(cfg.cache_shape(bundle.batch), np.float32))
             for i, name in enumerate(layer_cache_names(kind, cfg.depth)):
                 self._add_buffer(name, cache[i])
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
-                key = _ALIASES.get(t.name, t.name)
-                if key not in self.buffers and key != "x_next":  # x_next: bound to x / x_alt below
-                    self._add_buffer(key, np.zeros(t.shape, dtype=np.dtype(t.dtype)))
+                if t.name not in self.buffers and t.name != "x_next":  # x_next: bound to x / x_alt below
+                    self._add_buffer(t.name, np.zeros(t.shape, dtype=np.dtype(t.dtype)))
         if bundle.sampler_graph == "loop":
             self._add_buffer("x_alt", np.zeros(bundle.graphs["denoise"].tensor("x").shape, np.float32))
         self._bindings = {name: self._bind(name, {}) for name in bundle.graphs if name != "denoise"}
@@ -137,7 +134,7 @@ class OrtGraphs:
         spec = self.bundle.graphs[graph]
         io = sess.io_binding()
         for t in spec.inputs:
-            io.bind_ortvalue_input(t.name, self._values[rename.get(t.name, _ALIASES.get(t.name, t.name))])
+            io.bind_ortvalue_input(t.name, self._values[rename.get(t.name, t.name)])
         for t in spec.outputs:
             io.bind_ortvalue_output(t.name, self._values[rename.get(t.name, t.name)])
         return sess, io
@@ -159,7 +156,7 @@ class OrtGraphs:
         self.run("step")
         new_k, new_v, pos = self.buffers["new_k"], self.buffers["new_v"], self.buffers["pos"]
         for r in rows:
-            s = self.bundle.slot(int(pos[r]))
+            s = self.bundle.config.block_slot(int(pos[r]))
             self.cache_k[:, r, :, s : s + self.block_len] = new_k[:, r]
             self.cache_v[:, r, :, s : s + self.block_len] = new_v[:, r]
 

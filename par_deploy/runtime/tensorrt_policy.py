@@ -19,13 +19,11 @@ from par_deploy.runtime.bundle import (
     Bundle,
     BundleError,
     TensorSpec,
-    cache_shape,
     check_io,
     layer_cache_names,
 )
 from par_deploy.runtime.bundle_policy import BundlePolicy
 
-_ALIASES = {"cond": "action_cond"}
 _HOST_IO = ("rgb", "state", "prev_actions", "first", "pos", "action_cond", "frame_hidden", "actions")
 
 
@@ -110,7 +108,7 @@ class TensorRTPolicy(BundlePolicy):
 
         # host staging buffers for what crosses the PCIe bus; device buffers for every tensor
         self.host = {}
-        layer_bytes = int(np.prod(cache_shape(bundle.config)[1:])) * 4
+        layer_bytes = int(np.prod(bundle.config.cache_shape()[1:])) * 4
         layer_inputs = {}  # the step's per-layer cache inputs: addresses inside the one device cache
         for kind in "kv":
             self._alloc(f"cache_{kind}", layer_bytes * bundle.config.depth)
@@ -118,7 +116,7 @@ class TensorRTPolicy(BundlePolicy):
                 layer_inputs[name] = (f"cache_{kind}", i * layer_bytes)
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
-                key = _ALIASES.get(t.name, t.name)
+                key = t.name
                 if key in self._ptrs or key in layer_inputs or key in ("x", "x_next", "z", "k", "noise"):
                     continue  # x, x_next, z, k, noise: set per call, see sample
                 buf = np.zeros(t.shape, np.dtype(t.dtype))
@@ -137,12 +135,11 @@ class TensorRTPolicy(BundlePolicy):
         for name, spec in bundle.graphs.items():
             ctx = self.contexts[name]
             for t in spec.inputs + spec.outputs:
-                key = _ALIASES.get(t.name, t.name)
-                if key in layer_inputs:
-                    cache, offset = layer_inputs[key]
+                if t.name in layer_inputs:
+                    cache, offset = layer_inputs[t.name]
                     ctx.set_tensor_address(t.name, self._ptrs[cache] + offset)
-                elif key in self._ptrs:
-                    ctx.set_tensor_address(t.name, self._ptrs[key])
+                elif t.name in self._ptrs:
+                    ctx.set_tensor_address(t.name, self._ptrs[t.name])
         c = bundle.manifest["cache"]
         self._row_slots, self._head_dim, self._rows = (
             int(c["max_slots"]),

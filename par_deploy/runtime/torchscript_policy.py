@@ -14,7 +14,6 @@ from par_deploy.runtime.bundle import (
     Bundle,
     BundleError,
     TensorSpec,
-    cache_shape,
     layer_cache_names,
 )
 from par_deploy.runtime.bundle_policy import BundlePolicy
@@ -49,7 +48,7 @@ class TorchScriptPolicy(BundlePolicy):
                 raise BundleError(f"{path}: not a loadable TorchScript module ({e})") from None
         self.buffers = {}
         for kind in "kv":  # the host cache; the step's per-layer inputs are views of it
-            cache = self.buffers[f"cache_{kind}"] = torch.zeros(cache_shape(bundle.config, 1))
+            cache = self.buffers[f"cache_{kind}"] = torch.zeros(bundle.config.cache_shape())
             for i, name in enumerate(layer_cache_names(kind, bundle.config.depth)):
                 self.buffers[name] = cache[i]
         for spec in bundle.graphs.values():
@@ -109,7 +108,7 @@ class TorchScriptPolicy(BundlePolicy):
             b["first"][0] = bool(first)
             b["pos"][0] = step
             cond, frame_hidden, new_k, new_v = self._call("step")
-            b["action_cond"], b["frame_hidden"], b["cond"] = cond, frame_hidden, cond
+            b["action_cond"], b["frame_hidden"] = cond, frame_hidden
             s = self.slot(step)  # Policy.act guarantees step < max_blocks, so the block fits
             b["cache_k"][:, :, :, s : s + self.block_len] = new_k
             b["cache_v"][:, :, :, s : s + self.block_len] = new_v

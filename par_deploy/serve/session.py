@@ -120,8 +120,8 @@ def describe_bundle(bundle_dir: str | Path, backend: str) -> dict[str, Any]:
         "precision": bundle.precision,
         "sampler": bundle.manifest["sampler"]["kind"],
         # what the policy was trained for (evaluation checks the task and the controller against these)
-        "task": bundle.config.extra.get("task"),
-        "control_mode": bundle.config.extra.get("control_mode"),
+        "task": bundle.config.task_info.task,
+        "control_mode": bundle.config.task_info.control_mode,
     }
 
 
