@@ -317,11 +317,21 @@ def bench(
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the scaling curves as PNG.")] = None,
+    backend: Annotated[
+        list[str],
+        typer.Option(
+            help="Engines timed (repeatable; the bundle must hold them): the first is 'engine', others beside it."
+        ),
+    ] = ["onnx"],  # noqa: B006
+    sampler_graph: Annotated[
+        list[str], typer.Option(help="Also time this sampler graph form (unrolled, loop) at every K (repeatable).")
+    ] = [],  # noqa: B006
 ) -> None:
     """Latency and memory of an engine against the PyTorch reference, measured in one run."""
-    from par_deploy.bench import run_bench
+    from par_deploy.bench import BenchOptions, run_bench
 
-    run_bench(engine, reference, json_out, plot, task=task)
+    options = BenchOptions(backends=tuple(backend), sampler_graphs=tuple(sampler_graph))
+    run_bench(engine, reference, json_out, plot, options, task=task)
 
 
 @command()

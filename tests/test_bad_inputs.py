@@ -37,10 +37,10 @@ from par_deploy.errors import (
     ResumeError,
 )
 from par_deploy.export import export_bundle
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.export.parity import parity_report
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.bundle import BackendUnavailable, BundleError, open_bundle
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 

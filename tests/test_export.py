@@ -16,7 +16,6 @@ from par_deploy.config import preset
 from par_deploy.errors import CacheFullError, ConfigError
 from par_deploy.export import BackendUnavailable, BundleError, ExportError, export_bundle, load_policy
 from par_deploy.export.graphs import StepGraph
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.export.onnx_export import export_onnx
 from par_deploy.export.parity import synthetic_observations
 from par_deploy.export.torchscript_export import export_torchscript
@@ -32,6 +31,7 @@ from par_deploy.runtime.bundle import (
     read_manifest,
     sha256_file,
 )
+from par_deploy.synthetic import randomized_checkpoint
 from tests.conftest import use_skewed_normalizer
 
 torch.set_num_threads(1)

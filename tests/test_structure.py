@@ -12,8 +12,6 @@ MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 500
 NOT_YET_SPLIT = {
     "eval/run.py evaluate",
     "bundler.py export_bundle",
-    "measure.py measure",
-    "run.py bench",
     "demos.py generate_demos",
     "trainer.py train",
 }
