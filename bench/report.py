@@ -49,6 +49,10 @@ def print_report(result: dict, console=None) -> None:
     console.print(t)
     if "roofline" in result:
         roofline.print_roofline(result["roofline"], console)
+    if result.get("batch"):
+        from par_deploy.bench.batch import print_batch
+
+        print_batch(result["batch"], console)
     r = Table(title="ratios (one run)")
     r.add_column("ratio")
     r.add_column("value", justify="right")
@@ -73,7 +77,9 @@ def plot_result(result: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
+    batched = result.get("batch")
+    fig, axes = plt.subplots(1, 4 if batched else 3, figsize=(21 if batched else 16, 4))
+    a, b, c = axes[:3]
     for name, curve in result["history_ms"].items():
         xs = sorted(int(h) for h in curve)
         a.plot(xs, [curve[str(x)]["p50"] for x in xs], marker="o", label=name)
@@ -93,6 +99,10 @@ def plot_result(result: dict, path: str | Path) -> None:
     b.legend()
     if "roofline" in result:
         roofline.plot_roofline(c, result["roofline"])
+    if batched:
+        from par_deploy.bench.batch import plot_batch
+
+        plot_batch(axes[3], batched)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,7 +20,8 @@ model.
 Options for comparing deployment choices in the same run (``BenchOptions``; ``par-deploy bench --backend``,
 ``--sampler-graph``): other backends of the same bundle (``engine_torchscript``) beside the ONNX engine in the
 components; both sampler graph forms (``engine_unrolled``, ``engine_loop``: K steps in one graph vs a condition
-graph + a denoise-step graph called K times) at every K of the sweep.
+graph + a denoise-step graph called K times) at every K of the sweep; batched engines (``--batch N``,
+``par_deploy.bench.batch``): robots/s at batch 1, 2, 4, .. N, one engine call per control step of N episodes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from par_deploy.bench import roofline
+from par_deploy.bench.batch import batch_sweep
 from par_deploy.bench.report import ProgressBar, plot_result, print_report
 from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.errors import ParError
@@ -52,6 +54,7 @@ TARGETS = {  # issue: bench targets, measured as ratios in one run
     "engine_full_cache_over_one_block": ("<=", 1.2),
     "engine_over_reference_peak_memory": ("<=", 0.5),
     "engine_control_step_fraction_of_sgemm": (">=", 0.5),  # issue #10: of the 512^3 one-thread sgemm rate
+    "batch_8_robots_per_s_over_batch_1": (">=", 4.0),  # issue #10: --batch 8
 }
 
 
@@ -73,6 +76,8 @@ class BenchOptions:
     # sampler graph forms ("unrolled", "loop") also exported and timed at every K of the sweep, "engine_<graph>"
     # (the "engine" curve is the form export picks: unrolled for K <= 16)
     sampler_graphs: tuple[str, ...] = ()
+    # batched engines (``par_deploy.bench.batch``): robots/s at batch 1, powers of two and these sizes; () skips
+    batch: tuple[int, ...] = ()
 
 
 def _inputs(spec, rng):
@@ -310,12 +315,16 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
     comp, roof = _components(s, opt, bar)
     hist, history = _history(s, opt, bar)
     k_curve, k_parity, k_export = _k_sweep(s, opt, bar)
+    batched = batch_sweep(s.bundle, s.ckpt, opt.batch, opt.reps, opt.threads, bar) if opt.batch else {}
     bar.close()
     memory = {}  # one fresh process each: peak memory and cold load
     if opt.memory:
         memory["engine"] = _memory("engine", s.bundle, opt.threads)
         memory["reference"] = _memory("reference", s.ckpt, opt.threads, s.K, s.kind)
     ratios = _ratios(comp, hist, history, roof, memory)
+    for n, r in batched.get("robots_per_s_over_batch_1", {}).items():
+        if n != "1":
+            ratios[f"batch_{n}_robots_per_s_over_batch_1"] = r
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
@@ -340,16 +349,19 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
         "ratios": ratios,
         "targets": _targets(ratios),
         "roofline": roof,
+        "batch": batched,
     }
 
 
 def _check_options(opt: BenchOptions) -> None:
-    from par_deploy.runtime.bundle import BACKENDS, SAMPLER_GRAPHS
+    from par_deploy.runtime.bundle import BACKENDS, MAX_BATCH, SAMPLER_GRAPHS
 
     if not opt.backends or any(b not in BACKENDS for b in opt.backends) or len(set(opt.backends)) < len(opt.backends):
         raise BenchError(f"backends {opt.backends}: give distinct ones of {BACKENDS}")
     if any(g not in SAMPLER_GRAPHS for g in opt.sampler_graphs):
         raise BenchError(f"sampler graphs {opt.sampler_graphs}: choose from {SAMPLER_GRAPHS}")
+    if any(not isinstance(n, int) or not 1 <= n <= MAX_BATCH for n in opt.batch):
+        raise BenchError(f"batch sizes {opt.batch}: give integers in [1, {MAX_BATCH}]")
 
 
 def _export_k(ckpt: Path, out: Path, k: int, kind: str, graph: str, threads: int):

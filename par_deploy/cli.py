@@ -326,11 +326,17 @@ def bench(
     sampler_graph: Annotated[
         list[str], typer.Option(help="Also time this sampler graph form (unrolled, loop) at every K (repeatable).")
     ] = [],  # noqa: B006
+    batch: Annotated[
+        list[int],
+        typer.Option(
+            help="Also time batched engines (export --batch): robots/s at batch 1, 2, 4, .. up to N (repeatable)."
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Latency and memory of an engine against the PyTorch reference, measured in one run."""
     from par_deploy.bench import BenchOptions, run_bench
 
-    options = BenchOptions(backends=tuple(backend), sampler_graphs=tuple(sampler_graph))
+    options = BenchOptions(backends=tuple(backend), sampler_graphs=tuple(sampler_graph), batch=tuple(batch))
     run_bench(engine, reference, json_out, plot, options, task=task)
 
 

@@ -35,7 +35,8 @@ def walk_numbers(obj, path=""):
 
 
 def test_bench_json_schema_and_figures(tiny_bundle, tmp_path):
-    result = bench(tiny_bundle / "bundle", None, BenchOptions(reps=3, warmup=1, ks=(1,), progress=False))
+    opt = BenchOptions(reps=3, warmup=1, ks=(1,), progress=False, batch=(2,))
+    result = bench(tiny_bundle / "bundle", None, opt)
     result = json.loads(json.dumps(result))  # what --json writes
     assert result["schema"] == "par-bench" and result["version"] == 1
     for key in ("machine", "components_ms", "history_ms", "k_ms", "memory", "ratios", "targets", "load_s"):
@@ -52,11 +53,18 @@ def test_bench_json_schema_and_figures(tiny_bundle, tmp_path):
     assert set(result["history_ms"]) == {"engine", "reference_k", "naive_k"}
     assert "1" in result["history_ms"]["engine"] and str(8) in result["history_ms"]["engine"]  # tiny: 8 blocks
     assert set(result["k_ms"]["engine"]) == {"1", "2", "50"}  # the sweep, the bundle's K, the training schedule
-    assert set(result["targets"]) == set(TARGETS)
+    assert set(result["targets"]) == set(TARGETS) - {"batch_8_robots_per_s_over_batch_1"}  # measured: batch 2
+    batch = result["batch"]
+    assert (
+        batch["sizes"] == [1, 2] and set(batch["robots_per_s"]) == {"1", "2"} and batch["exports"]["2"]["parity_passed"]
+    )
+    assert result["ratios"]["batch_2_robots_per_s_over_batch_1"] == batch["robots_per_s_over_batch_1"]["2"] > 0
     assert result["memory"]["engine"]["imported_torch"] is False
     assert result["memory"]["reference"]["imported_torch"] is True
     numbers = list(
-        walk_numbers({k: result[k] for k in ("components_ms", "history_ms", "k_ms", "memory", "ratios", "load_s")})
+        walk_numbers(
+            {k: result[k] for k in ("components_ms", "history_ms", "k_ms", "memory", "ratios", "load_s", "batch")}
+        )
     )
     assert len(numbers) > 50
     for path, value in numbers:
