@@ -212,7 +212,7 @@ def _generate(
     spec = TASKS[task]
     solve = getattr(solutions, PLANNERS[spec.env_id])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one simulator per core; tiny tensors (DESIGN §5: +25%)
+    torch.set_num_threads(1)  # one simulator per core; tiny tensors (docs/design-notes.md §4: +25%)
     planner_env = make_maniskill_env(
         spec.env_id, obs_mode="none", control_mode="pd_joint_pos", max_episode_steps=_LONG_HORIZON
     )

@@ -52,7 +52,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 10
     seed: int = 0
-    threads: int = 1  # torch threads per process: pick from the free cores (DESIGN §7)
+    threads: int = 1  # torch threads per process: pick from the free cores (docs/design-notes.md §5)
     limit_episodes: int | None = None
     # Autocast of the forward pass: "bf16" runs the matmuls in bfloat16 (1.65x faster per step than "fp32" on
     # this machine's avx512_bf16 CPU, docs/recipe.md); "auto" picks bf16 where oneDNN supports it natively.
