@@ -311,6 +311,21 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     return m
 
 
+def check_source_checkpoint(bundle_dir: str | Path, manifest: dict[str, Any], checkpoint: str | Path) -> None:
+    """``BundleError`` unless the bundle was exported from the checkpoint directory ``checkpoint`` (its sha256,
+    ``par_deploy.files.checkpoint_hash``, against the manifest's ``checkpoint_hash``)."""
+    mpath = Path(bundle_dir) / MANIFEST_FILE
+    try:
+        digest = checkpoint_hash(checkpoint)
+    except CheckpointError as e:
+        raise BundleError(f"{e}; cannot check which checkpoint the bundle {bundle_dir} was built from") from None
+    if digest != manifest["checkpoint_hash"]:
+        raise BundleError(
+            f"{mpath}: bundle was exported from checkpoint {manifest['checkpoint_hash'][:12]}..., not from "
+            f"{checkpoint} ({digest[:12]}...); export a bundle from this checkpoint"
+        )
+
+
 def _verify_file(root: Path, entry: dict[str, Any], what: str) -> None:
     path = root / entry["file"]
     if not path.is_file():
@@ -339,16 +354,7 @@ def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: 
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{mpath}: invalid model config ({e})") from None
     if checkpoint is not None:
-        try:
-            digest = checkpoint_hash(checkpoint)
-        except CheckpointError as e:
-            raise BundleError(f"{e}; cannot check which checkpoint the bundle {root} was built from") from None
-        if digest != m["checkpoint_hash"]:
-            raise BundleError(
-                f"{mpath}: bundle was exported from checkpoint {m['checkpoint_hash'][:12]}..., not from "
-                f"{checkpoint} "
-                f"({digest[:12]}...); export a bundle from this checkpoint"
-            )
+        check_source_checkpoint(root, m, checkpoint)
     sampler = m["sampler"]
     if sampler.get("graph") not in SAMPLER_GRAPHS:
         raise BundleError(f"{mpath}: unknown sampler graph {sampler.get('graph')!r}")
