@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from par_deploy.config import PARConfig
+from par_deploy.config import PARConfig, check_format_version
 from par_deploy.errors import CheckpointError, ConfigError, ParError
 from par_deploy.files import atomic_write, checkpoint_hash, sha256_file
 from par_deploy.normalize import Normalizer
@@ -279,14 +279,9 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise BundleError(f"{path}: not a par-deploy bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})")
-    version = m.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise BundleError(f"{path}: invalid format_version {version!r}")
-    if version > BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: bundle format_version {version} is newer than this par-deploy supports "
-            f"({BUNDLE_FORMAT_VERSION}); upgrade par-deploy or re-export the bundle"
-        )
+    version = check_format_version(
+        m.get("format_version"), BUNDLE_FORMAT_VERSION, str(path), BundleError, " or re-export the bundle"
+    )
     if version < BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format_version {version} is older than this par-deploy reads ({BUNDLE_FORMAT_VERSION}: "
