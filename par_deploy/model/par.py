@@ -163,7 +163,8 @@ class PARModel(nn.Module):
         ``[layers, B, H, S, hd]`` tensor).
 
         Returns hidden ``[B, Bl, D]``, new keys and values ``[layers, B, H, Bl, hd]`` for slots
-        ``K_t + n*Bl ..`` of each row. The export unit (DESIGN §4: the host writes the delta into its buffer).
+        ``K_t + n*Bl ..`` of each row. The export unit (docs/design-notes.md §3: the host writes the delta into its
+        buffer).
         """
         start = self.cfg.block_slot(n)  # [B]
         bias = past_bias(start, cache_k[0].shape[2])  # [B, 1, 1, S]

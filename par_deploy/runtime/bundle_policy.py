@@ -40,6 +40,18 @@ class BundlePolicy(Policy):
         """First cache slot of block ``step`` (``PARConfig.block_slot``)."""
         return self.bundle.config.block_slot(step)
 
+    @staticmethod
+    def stage_block(
+        buffers: dict[str, np.ndarray], rgb, state, prev_chunk, first, step, row: int | slice = 0
+    ) -> list[str]:
+        """Write one block's step-graph inputs into host ``buffers`` at batch row ``row`` (``slice(None)``: every
+        row of a batched graph from stacked inputs); returns the names written (``state`` only when the graph has
+        that input)."""
+        names = ["rgb", "prev_actions", "first", "pos"] + (["state"] if "state" in buffers else [])
+        for name, value in zip(names, (rgb, prev_chunk, first, step, state), strict=False):
+            buffers[name][row] = value
+        return names
+
     def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
         return self.bundle.prefix(instruction)

@@ -6,7 +6,8 @@ copied whole:
 
 - the step graph reads the cache in place: its per-layer inputs ``cache_k_i`` are bound to views of one
   ``[layers, B, H, S, hd]`` buffer; it writes only the new block's keys/values, which the host copies into
-  each row's slots (DESIGN §4: the fastest CPU path measured);
+  each row's slots (docs/design-notes.md §3: the fastest CPU
+  path measured);
 - the step graph's ``action_cond`` output buffer is bound directly as the sampler's ``action_cond`` input;
 - in the loop form, ``condition`` writes ``cond_k``/``cond_v`` buffers that ``denoise`` reads, and ``x`` /
   ``x_next`` ping-pong between two buffers (two bindings).
@@ -63,7 +64,7 @@ def create_session(path, so, providers: list[str] | None = None):
 
 
 def session_options(threads: int | None):
-    """One intra-op thread by default: on a shared machine more threads can be much slower (DESIGN §7)."""
+    """One intra-op thread by default: on a shared machine more threads can be much slower (docs/design-notes.md §5)."""
     ort = _import_ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1 if threads is None else int(threads)
@@ -205,13 +206,7 @@ class OnnxPolicy(BundlePolicy):
 
     def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the cache; fills the ``action_cond`` / ``frame_hidden`` buffers."""
-        b = self.buffers
-        b["rgb"][0] = rgb
-        if "state" in b:
-            b["state"][0] = state
-        b["prev_actions"][0] = prev_chunk
-        b["first"][0] = first
-        b["pos"][0] = step  # Policy.act guarantees step < max_blocks, so the block fits
+        self.stage_block(self.buffers, rgb, state, prev_chunk, first, step)  # step < max_blocks: Policy.act
         self.graphs.step((0,))
 
     def sample(self, noise: np.ndarray) -> np.ndarray:
@@ -241,13 +236,7 @@ class OnnxBatchPolicy(BatchPolicy):
         self.graphs.reset_row(row, instruction)
 
     def step_rows(self, rgb, state, prev_chunk, first, pos, rows) -> None:
-        b = self.buffers
-        b["rgb"][:] = rgb
-        if "state" in b:
-            b["state"][:] = state
-        b["prev_actions"][:] = prev_chunk
-        b["first"][:] = first
-        b["pos"][:] = pos
+        BundlePolicy.stage_block(self.buffers, rgb, state, prev_chunk, first, pos, row=slice(None))
         self.graphs.step(rows)
 
     def sample_rows(self, noise: np.ndarray) -> np.ndarray:
