@@ -174,12 +174,11 @@ def export_bundle(
     ``"int8"`` (ONNX Runtime dynamic quantization of the transformer step's MatMul weights; the fp32 ONNX stays as
     the engine's ``source``, which TensorRT builds int8 engines from); ``"fp16"`` (TensorRT only); ``"bf16"``
     (refused with the reason while ONNX Runtime's CPU provider has no bf16 kernels). ``onnx_exporter``: ``"dynamo"`` or
-    ``"legacy"``. ``batch``: B independent episodes per engine call (every graph's leading dimension; each row
-    its own cache row and position; ONNX only; run by ``runtime.load_batch``). After export every backend is
-    loaded from the bundle and run against ``TorchPolicy`` on ``parity_steps``-step synthetic episodes with the
-    same noise; the parity numbers go into the manifest and the report, and ``ExportError`` is raised if they
-    exceed the tolerances (``require_parity=False``: recorded only, for bundles that are timed rather than
-    deployed, e.g. the benchmark's K sweep).
+    ``"legacy"``. ``batch``: episodes per engine call (each row its own cache row and position; ONNX only;
+    ``runtime.load_batch``). After export every backend is loaded and run against ``TorchPolicy`` on
+    ``parity_steps``-step synthetic episodes with the same noise; the parity numbers go into the manifest and the
+    report, and ``ExportError`` is raised if they exceed the tolerances (``require_parity=False``: recorded
+    only, for bundles that are timed rather than deployed, e.g. the benchmark's K sweep).
     """
     _check_args(backends, denoise_steps, sampler, precision, sampler_graph, onnx_exporter, batch)
     t_start = time.perf_counter()
@@ -192,11 +191,8 @@ def export_bundle(
     schedule = model.sampler(sampler, denoise_steps)
     specs = graph_specs(model.cfg, denoise_steps, sampler_graph, batch)
     modules = build_graphs(model, schedule, sampler_graph)
-    _log(
-        progress,
-        f"exporting {checkpoint_dir} -> {root}: {', '.join(backends)}, {sampler} K={denoise_steps} "
-        f"({sampler_graph}), {precision}" + (f", batch {batch}" if batch > 1 else ""),
-    )
+    what = f"{sampler} K={denoise_steps} ({sampler_graph}), {precision}" + (f", batch {batch}" * (batch > 1))
+    _log(progress, f"exporting {checkpoint_dir} -> {root}: {', '.join(backends)}, {what}")
     with _timed(seconds, "text_prefix"):
         k, v = text_prefix(model)
         np.savez(root / TEXT_PREFIX_FILE, k=k, v=v)

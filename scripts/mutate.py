@@ -134,8 +134,8 @@ MUTANTS = [
     _m(
         "boa-off-by-one",
         "par_deploy/runtime/policy.py",
-        "block = (rgb, state, prev.copy(), self._step == 0)",
-        "block = (rgb, state, prev.copy(), self._step <= 1)",
+        "return (rgb, state, prev.copy(), self._step == 0), noise",
+        "return (rgb, state, prev.copy(), self._step <= 1), noise",
         "BOA also at the second step",
     ),
     _m(
@@ -148,8 +148,8 @@ MUTANTS = [
     _m(
         "ort-first-block-slot",
         "par_deploy/runtime/onnx_policy.py",
-        "s = self.slot(step)  #",
-        "s = self.slot(0)  #",
+        "s = self.bundle.config.block_slot(int(pos[r]))",
+        "s = self.bundle.config.block_slot(0)",
         "ONNX runner writes every block into the first slot",
     ),
     _m(
@@ -203,10 +203,24 @@ MUTANTS = [
         "Action-DiT conditioned on the frame part",
     ),
     _m(
+        "batch-row-commit",
+        "par_deploy/runtime/onnx_policy.py",
+        "self.cache_k[:, r, :, s : s + self.block_len] = new_k[:, r]",
+        "self.cache_k[:, r, :, s : s + self.block_len] = new_k[:, 0]",
+        "a batched engine writes row 0's new keys into every row's cache",
+    ),
+    _m(
+        "graph-attention-no-bias",
+        "kernels/attention.py",
+        "s_past = torch.matmul(q, cache_k.transpose(-2, -1)) + bias",
+        "s_past = torch.matmul(q, cache_k.transpose(-2, -1))",
+        "the exported step graph attends to stale cache slots (the eager reference does not)",
+    ),
+    _m(
         "cache-mask-inclusive",
         "kernels/attention.py",
-        "past = (slots < start)",
-        "past = (slots <= start)",
+        "return slots.unsqueeze(0) < start.unsqueeze(1)",
+        "return slots.unsqueeze(0) <= start.unsqueeze(1)",
         "the new block sees a stale cache slot",
     ),
     _m(
@@ -234,8 +248,8 @@ MUTANTS = [
     _m(
         "denoise-first-t",
         "export/graphs.py",
-        "t = self.timesteps.index_select(0, k)  # [1]",
-        "t = self.timesteps.index_select(0, k * 0)  # [1]",
+        "t = self.timesteps.index_select(0, k).expand(x.shape[0])",
+        "t = self.timesteps.index_select(0, k * 0).expand(x.shape[0])",
         "loop sampler bakes the first timestep for every step",
     ),
     _m(
