@@ -126,6 +126,57 @@ def test_a_bad_observation_fails_that_client_only(server, bundle):
         np.testing.assert_array_equal(bad.act(obs), fresh.act(obs))  # the errors cost the episode nothing
 
 
+def test_executed_chunks_through_the_server_equal_the_in_process_run(server, bundle):
+    """A controller that overrides every other chunk and says so with ``executed``: the server's chunks equal the
+    in-process runtime's for the same executed chunks and noise, and differ from a run without them (so a server
+    that dropped ``executed`` would fail here)."""
+    local, plain = runtime.load(bundle, "onnx"), runtime.load(bundle, "onnx")
+    rng = np.random.default_rng(11)
+    with RemotePolicy(server.url) as remote:
+        for policy in (local, plain, remote):
+            policy.reset(INSTRUCTIONS[0], seed=4)
+        executed, differed = None, False
+        for step in range(6):
+            obs = _obs(local.spec, 20 + step)
+            noise = rng.standard_normal(local.noise_shape()).astype(np.float32) if step % 3 else None
+            a = local.act(obs, noise, executed=executed)
+            np.testing.assert_array_equal(remote.act(obs, noise, executed=executed), a, err_msg=f"step {step}")
+            differed |= not np.array_equal(plain.act(obs, noise), a)
+            executed = (0.5 * a + 0.1).astype(np.float32) if step % 2 == 0 else None  # the override, controller units
+        assert differed, "executed= changed nothing in-process: this test could not see a server ignore it"
+        assert remote.steps_left == local.steps_left == local.spec.max_blocks - 6
+
+
+def test_a_bad_executed_chunk_fails_that_client_only(server, bundle):
+    ref = runtime.load(bundle, "onnx")
+    with RemotePolicy(server.url) as bad, RemotePolicy(server.url) as good:
+        for p in (bad, good, ref):
+            p.reset(seed=0)
+        spec = bad.spec
+        obs, chunk = _obs(spec), np.full((spec.chunk_len, spec.action_dim), 0.25, np.float32)
+        with pytest.raises(InputError, match="first act"):  # the first block's action part is BOA
+            bad.act(obs, executed=chunk)
+        assert bad.steps_left == spec.max_blocks  # nothing was consumed
+        bad.act(obs)
+        wrong = [
+            (chunk[:-1], "executed: expected shape"),
+            (chunk.astype(np.float64), "executed: expected dtype float32"),
+            (np.full_like(chunk, np.inf), "executed: contains NaN"),
+            (chunk.tolist(), "executed: expected a numpy array, found list"),  # refused by the client
+            (chunk.astype(object), "executed: dtype object cannot be sent"),  # refused by the client
+        ]
+        for i, (executed, message) in enumerate(wrong):
+            with pytest.raises(InputError, match=message):
+                bad.act(_obs(spec, 1), executed=executed)
+            assert bad.steps_left == spec.max_blocks - 1
+            np.testing.assert_array_equal(good.act(_obs(spec, 30 + i)), ref.act(_obs(spec, 30 + i)))
+        fresh = runtime.load(bundle, "onnx")
+        fresh.reset(seed=0)
+        fresh.act(obs)
+        want = fresh.act(_obs(spec, 1), executed=chunk)
+        np.testing.assert_array_equal(bad.act(_obs(spec, 1), executed=chunk), want)  # the errors cost nothing
+
+
 def test_malformed_requests_get_protocol_errors_and_the_server_keeps_running(server):
     arr = protocol.encode_array(np.zeros(3, np.float32), "x")
     cases = [
@@ -142,6 +193,8 @@ def test_malformed_requests_get_protocol_errors_and_the_server_keeps_running(ser
         (protocol.pack({"op": "act", "observation": {"rgb": {**arr, "shape": [1 << 40]}}}), "exceed the limit"),
         (protocol.pack({"op": "act", "observation": {"rgb": {**arr, "shape": [-3]}}}), "non-negative"),
         (protocol.pack({"op": "act", "observation": {"depth": arr}}), "unknown field"),
+        (protocol.pack({"op": "act", "observation": {}, "executed": {**arr, "dtype": "object"}}), "executed: dtype"),
+        (protocol.pack({"op": "act", "observation": {}, "executed": [0.0] * 3}), "executed: expected an array map"),
         (b"\x80\x04\x95" + b"pickle-like", "not valid msgpack"),
     ]
     for frame, message in cases:

@@ -62,9 +62,9 @@ class Session:
             self.policy.reset(instruction, seed=seed)
             return {"ok": True}, (time.perf_counter() - t) * 1e3
         if op == "act":
-            obs, noise = protocol.parse_act(msg, self.max_array_bytes)
+            obs, noise, executed = protocol.parse_act(msg, self.max_array_bytes)
             t = time.perf_counter()
-            actions = self.policy.act(obs, noise=noise)  # [L, A] float32
+            actions = self.policy.act(obs, noise=noise, executed=executed)  # [L, A] float32
             compute_ms = (time.perf_counter() - t) * 1e3
             return {"ok": True, "actions": protocol.encode_array(actions, "actions")}, compute_ms
         raise protocol.ProtocolError(f"unknown op {op!r}; expected 'reset' or 'act'")
