@@ -1,5 +1,6 @@
-"""The policy server and its torch-free client: handshake, parity with the in-process runtime, isolation of
-clients, bad input, health check, SIGTERM, long episodes with resets, and the strict wire decoding."""
+"""The policy server and its torch-free client: handshake, parity with the in-process runtime (with and without
+executed chunks), isolation of clients, bad input, health check, SIGTERM, and the strict wire decoding. Episodes
+of 10x the cache length (sliding and error overflow): tests/test_long_episodes.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from websockets.sync.client import connect
 
 from par_deploy import runtime
 from par_deploy.client import RemotePolicy
-from par_deploy.errors import CacheFullError, InputError
+from par_deploy.errors import InputError
 from par_deploy.export import export_bundle
 from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.runtime.bundle import sha256_file
@@ -248,29 +249,6 @@ def test_clients_beyond_the_limit_are_refused(bundle):
         first.act(_obs(first.spec))
 
 
-def test_episode_of_10x_max_blocks_through_the_server_resets_on_cache_full(server, bundle):
-    ref = runtime.load(bundle, "onnx")
-    with RemotePolicy(server.url) as p:
-        n = p.spec.max_blocks
-        p.reset(INSTRUCTIONS[1], seed=0)
-        ref.reset(INSTRUCTIONS[1], seed=0)
-        resets = 0
-        for step in range(10 * n):
-            obs = _obs(p.spec, step)
-            try:
-                chunk = p.act(obs)
-            except CacheFullError as e:
-                assert "static KV-cache" in str(e) and p.steps_left == 0
-                with pytest.raises(CacheFullError):
-                    ref.act(obs)
-                p.reset(INSTRUCTIONS[1])  # the controller's response today (no sliding window yet)
-                ref.reset(INSTRUCTIONS[1])
-                resets += 1
-                chunk = p.act(obs)
-            np.testing.assert_array_equal(chunk, ref.act(obs))
-        assert resets == 9  # the cache fills every n steps: at steps n, 2n, ..., 9n
-
-
 def test_client_imports_neither_torch_nor_onnxruntime(server):
     script = textwrap.dedent(f"""
         import sys
@@ -323,24 +301,3 @@ def test_array_wire_format_round_trip_and_limits():
         protocol.decode_array({"dtype": "uint8", "shape": [1] * 9, "data": b"\0"}, "x", 8)
     with pytest.raises(ProtocolError, match="keys dtype, shape, data"):
         protocol.decode_array({"dtype": "uint8", "shape": [1], "data": b"\0", "code": "x"}, "x", 8)
-
-
-def test_sliding_cache_bundle_runs_past_its_length_through_the_server(tmp_path):
-    """A bundle with overflow "slide": the handshake says so, steps_left is unlimited, and 3x max_blocks control
-    steps through the server equal the in-process runtime's chunks."""
-    ckpt = randomized_checkpoint("tiny", tmp_path / "ckpt", scale=0.05, max_blocks=3, overflow="slide")
-    slide = export_bundle(ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
-    local = runtime.load(slide, "onnx")
-    rng = np.random.default_rng(5)
-    with (
-        ServerThread(PolicyServer(slide, "onnx", threads=1, pool_size=1, max_clients=2)) as st,
-        RemotePolicy(st.url) as remote,
-    ):
-        assert remote.spec == local.spec and remote.spec.overflow == "slide"
-        for policy in (local, remote):
-            policy.reset(seed=0)
-        for step in range(3 * local.spec.max_blocks):
-            noise = rng.standard_normal(local.noise_shape()).astype(np.float32)
-            obs = _obs(local.spec, step)
-            np.testing.assert_array_equal(remote.act(obs, noise), local.act(obs, noise))
-            assert remote.steps_left == float("inf")
