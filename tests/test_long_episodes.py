@@ -1,9 +1,11 @@
 """Episodes of 10x ``max_blocks`` control steps, in-process and through the policy server: a sliding cache runs
 through them without error (and the server slides exactly as the runtime does); the ``error`` overflow raises
-``CacheFullError`` at step ``max_blocks`` of every episode, through both, consuming nothing."""
+``CacheFullError`` at step ``max_blocks`` of every episode, through both, consuming nothing. And the soak
+measurement (``par_deploy.bench.soak``) on a short run."""
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 
 from par_deploy import runtime
 from par_deploy.client import RemotePolicy
-from par_deploy.errors import CacheFullError
+from par_deploy.errors import CacheFullError, ConfigError
 from par_deploy.export import export_bundle
 from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.serve.server import PolicyServer, ServerThread
@@ -106,3 +108,29 @@ def test_error_overflow_raises_cache_full_at_step_max_blocks(runtime_bundle, whe
             np.testing.assert_array_equal(policy.act(obs, noise), ref.act(obs, noise), err_msg=f"step {step}")
             in_episode += 1
     assert raised_at == [k * n for k in range(1, LENGTHS)]
+
+
+def test_soak_samples_rss_and_latency_per_window(slide_bundle, runtime_bundle, tmp_path, capsys):
+    """``python -m par_deploy.bench.soak``: one sample per window (the last one shorter), a table, a JSON file;
+    a sliding cache runs as one episode, an ``error`` cache is reset whenever it is full."""
+    from par_deploy.bench import soak
+
+    out = tmp_path / "soak.json"
+    soak.main([str(slide_bundle), "--steps", "25", "--every", "10", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["schema"] == "par-soak" and r["overflow"] == "slide" and r["resets"] == 0
+    assert [s["step"] for s in r["series"]] == [10, 20, 25]
+    for s in r["series"]:
+        assert s["rss_mb"] > 10 and 0 < s["cpu_p50_ms"] and 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert r["summary"]["rss_growth_mb"] == r["series"][-1]["rss_mb"] - r["series"][0]["rss_mb"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["steps", "RSS", "MB"] and [row.split()[0] for row in table[1:4]] == [
+        "10",
+        "20",
+        "25",
+    ]
+    assert "25 steps, overflow slide (max_blocks 8), 0 resets" in table[4]
+    n = runtime.load(runtime_bundle).spec.max_blocks
+    assert soak.soak(runtime_bundle, steps=3 * n + 1, every=n)["resets"] == 3  # full at steps n, 2n, 3n
+    with pytest.raises(ConfigError, match="every must be >= 1"):
+        soak.soak(runtime_bundle, steps=10, every=0)
