@@ -1,8 +1,9 @@
 """Peak resident memory of a process that loads one policy and runs control steps.
 
 ``python -m par_deploy.bench.memory engine BUNDLE`` imports only the runtime (numpy + onnxruntime);
-``python -m par_deploy.bench.memory reference CKPT --steps-k K --sampler S`` the PyTorch reference. Prints one
-JSON line: peak RSS (MB), load time (s), and which heavy modules the process imported.
+``python -m par_deploy.bench.memory reference CKPT --denoise-steps K --sampler S`` the PyTorch reference
+(``--control-steps N``: how many policy calls). Prints one JSON line: peak RSS (MB), load time (s), and which
+heavy modules the process imported.
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("kind", choices=["engine", "reference"])
     ap.add_argument("path")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--control-steps", type=int, default=8)
+    ap.add_argument("--denoise-steps", type=int, default=None)
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
-    print(json.dumps(run(a.kind, a.path, a.steps, a.k, a.sampler, a.threads)))
+    print(json.dumps(run(a.kind, a.path, a.control_steps, a.denoise_steps, a.sampler, a.threads)))
 
 
 if __name__ == "__main__":

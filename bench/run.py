@@ -12,9 +12,15 @@ For each: the transformer step (one block appended), the action sampler, and the
 half the cache's length, interleaved with fp32 matmuls that measure this machine's sgemm rate
 (``par_deploy.bench.roofline``: GFLOP per component counted on the reference, achieved GFLOP/s, fraction of
 that rate); then the control step as the history grows from 1 block to the cache's maximum
-(engine, reference_k, naive_k) and as K varies (engine bundles re-exported per K, reference_k). Peak resident
-memory and cold load time come from two fresh processes (``par_deploy.bench.memory``): the engine process
-imports the runtime only, the reference process torch and the model.
+(engine, reference_k, naive_k) and as K varies (engine bundles re-exported per K, with their export time and
+size, reference_k). Peak resident memory and cold load time come from two fresh processes
+(``par_deploy.bench.memory``): the engine process imports the runtime only, the reference process torch and the
+model.
+
+Options for comparing deployment choices in the same run (``BenchOptions``; ``par-deploy bench --backend``,
+``--sampler-graph``): other backends of the same bundle (``engine_torchscript``) beside the ONNX engine in the
+components; both sampler graph forms (``engine_unrolled``, ``engine_loop``: K steps in one graph vs a condition
+graph + a denoise-step graph called K times) at every K of the sweep.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from par_deploy.bench import roofline
+from par_deploy.bench.report import ProgressBar, plot_result, print_report
 from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.errors import ParError
 from par_deploy.locate import source_checkpoint, task_bundle
@@ -60,6 +68,11 @@ class BenchOptions:
     ks: tuple[int, ...] = (1, 2, 4, 10)  # plus the bundle's K and the training schedule; () skips the sweep
     memory: bool = True
     progress: bool = True
+    # engines timed in the components stage: the first is "engine" (every ratio), the others "engine_<backend>"
+    backends: tuple[str, ...] = ("onnx",)
+    # sampler graph forms ("unrolled", "loop") also exported and timed at every K of the sweep, "engine_<graph>"
+    # (the "engine" curve is the form export picks: unrolled for K <= 16)
+    sampler_graphs: tuple[str, ...] = ()
 
 
 def _inputs(spec, rng):
@@ -122,7 +135,7 @@ def _machine(threads: int) -> dict:
 def _memory(kind: str, path: Path, threads: int, k: int | None = None, sampler: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "par_deploy.bench.memory", kind, str(path), "--threads", str(threads)]
     if k is not None:
-        cmd += ["--k", str(k), "--sampler", sampler]
+        cmd += ["--denoise-steps", str(k), "--sampler", sampler]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
     )
@@ -131,16 +144,32 @@ def _memory(kind: str, path: Path, threads: int, k: int | None = None, sampler: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench(bundle: str | Path, reference: str | Path | None = None, options: BenchOptions | None = None) -> dict:
-    """Measure a bundle against its PyTorch reference; returns the JSON-ready result."""
+@dataclass
+class _Setup:
+    """What every stage measures: the engines, the reference policies, the inputs."""
+
+    bundle: Path
+    ckpt: Path
+    cfg: Any  # PARConfig
+    kind: str  # the bundle's sampler
+    K: int  # the bundle's denoising steps
+    model: Any  # PARModel
+    norm: Any  # Normalizer
+    policies: dict[str, Any]
+    inputs: tuple
+    rng: np.random.Generator
+    mid: int  # the components are timed at block mid (half the cache)
+    load_s: dict[str, float]
+
+
+def _setup(bundle: Path, reference: str | Path | None, opt: BenchOptions) -> _Setup:
+    """Load the engine(s) (refusing a bundle of another checkpoint) and the reference policies."""
     import torch
 
     from par_deploy import runtime
     from par_deploy.checkpoint import from_pretrained
     from par_deploy.reference import TorchPolicy
 
-    opt = options or BenchOptions()
-    bundle = Path(bundle)
     if not (bundle / "manifest.json").is_file():
         raise BenchError(f"{bundle}: not a bundle (no manifest.json); run `par-deploy export` first")
     manifest = runtime.read_manifest(bundle)
@@ -149,97 +178,117 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
         raise BenchError(f"{ckpt}: reference checkpoint not found; pass --reference CKPT")
     torch.set_num_threads(opt.threads)
     t = time.perf_counter()
-    engine = runtime.load(bundle, "onnx", threads=opt.threads, checkpoint=ckpt)  # refuses a foreign bundle
+    engine = runtime.load(bundle, opt.backends[0], threads=opt.threads, checkpoint=ckpt)  # refuses a foreign bundle
     engine_load = time.perf_counter() - t
     t = time.perf_counter()
     model, norm = from_pretrained(ckpt)
     reference_load = time.perf_counter() - t
-    cfg, K = model.cfg, engine.denoise_steps
-    kind = manifest["sampler"]["kind"] if isinstance(manifest.get("sampler"), dict) else manifest["sampler"]
+    cfg, K, kind = model.cfg, engine.denoise_steps, manifest["sampler"]["kind"]
     policies = {
         "engine": engine,
         "reference_k": TorchPolicy(model, norm, kind, K),
         "reference_train": TorchPolicy(model, norm, "ddpm", cfg.train_timesteps),
         "naive_k": TorchPolicy(model, norm, kind, K, use_cache=False),
     }
+    for backend in opt.backends[1:]:  # the other backends of the same bundle, timed beside it
+        policies[f"engine_{backend}"] = runtime.load(bundle, backend, threads=opt.threads)
     rng = np.random.default_rng(0)
     inputs = _inputs(engine.spec, rng)
-    bar = _Bar(opt.progress)
-
-    # 1. components at half the cache
+    load_s = {"engine": engine_load, "reference": reference_load}
     mid = max(0, cfg.max_blocks // 2 - 1)
+    return _Setup(bundle, ckpt, cfg, kind, K, model, norm, policies, inputs, rng, mid, load_s)
+
+
+def _components(s: _Setup, opt: BenchOptions, bar) -> tuple[dict, dict]:
+    """Transformer step, sampler and control step of every policy at half the cache, interleaved with the
+    sgemm cases; returns (stats per case, roofline)."""
     cases = {}
-    for name, p in policies.items():
-        _fill(p, mid, inputs)
-        cases.update(_step_cases(name, p, mid, inputs, _noise(p, rng)))
-    sgemm_cases = roofline.sgemm_cases(cfg)  # the machine's matmul rate, timed interleaved with the components
+    for name, p in s.policies.items():
+        _fill(p, s.mid, s.inputs)
+        cases.update(_step_cases(name, p, s.mid, s.inputs, _noise(p, s.rng)))
+    sgemm_cases = roofline.sgemm_cases(s.cfg)  # the machine's matmul rate, timed interleaved with the components
     cases.update(sgemm_cases)
     bar.stage("components", opt.reps)
     comp = {k: summarize(v) for k, v in interleaved(cases, opt.reps, opt.warmup, bar.advance).items()}
-    sgemm = roofline.split_sgemm(comp, sgemm_cases, cfg)
-    roof = roofline.roofline(
-        roofline.count_flops(policies["reference_k"], mid, inputs, _noise(policies["reference_k"], rng)), sgemm, comp
-    )
+    sgemm = roofline.split_sgemm(comp, sgemm_cases, s.cfg)
+    ref = s.policies["reference_k"]
+    roof = roofline.roofline(roofline.count_flops(ref, s.mid, s.inputs, _noise(ref, s.rng)), sgemm, comp)
+    return comp, roof
 
-    # 2. history scaling
-    max_b = cfg.max_blocks
+
+def _history(s: _Setup, opt: BenchOptions, bar) -> tuple[list[int], dict]:
+    """The control step as the history grows from 1 block to the cache's maximum."""
+    max_b = s.cfg.max_blocks
     hist = sorted(set(opt.history or (1, max(1, max_b // 4), max(1, max_b // 2), max(1, 3 * max_b // 4), max_b)))
-    hist_reps = max(5, opt.reps // 3)
+    reps = max(5, opt.reps // 3)
     history = {name: {} for name in ("engine", "reference_k", "naive_k")}
-    bar.stage("history", hist_reps * len(hist))
+    bar.stage("history", reps * len(hist))
     for h in hist:
         cases = {}
         for name in history:
-            p = policies[name]
-            _fill(p, h - 1, inputs)
-            cases[name] = _step_cases(name, p, h - 1, inputs, _noise(p, rng))[f"{name}/control_step"]
-        for name, v in interleaved(cases, hist_reps, 1, bar.advance).items():
+            p = s.policies[name]
+            _fill(p, h - 1, s.inputs)
+            cases[name] = _step_cases(name, p, h - 1, s.inputs, _noise(p, s.rng))[f"{name}/control_step"]
+        for name, v in interleaved(cases, reps, 1, bar.advance).items():
             history[name][h] = summarize(v)
+    return hist, history
 
-    # 3. K sweep: engine bundles re-exported per K (onnx only), reference with the same sampler and K
-    k_curve = {"engine": {}, "reference_k": {}}
-    k_parity = {}
-    ks = sorted(set(opt.ks) | {K, cfg.train_timesteps}) if opt.ks else []
-    bar.stage("denoise steps", hist_reps * len(ks))
+
+def _k_sweep(s: _Setup, opt: BenchOptions, bar) -> tuple[dict, dict, dict]:
+    """The control step as K varies: engine bundles re-exported per K (ONNX; the bundle's own at its K; each of
+    ``opt.sampler_graphs`` as ``engine_<graph>``), the reference with the same sampler and K. Returns
+    (curves, parity per exported bundle, export seconds and bytes per exported bundle)."""
+    from par_deploy.reference import TorchPolicy
+
+    curves: dict[str, dict] = {"engine": {}, "reference_k": {}, **{f"engine_{g}": {} for g in opt.sampler_graphs}}
+    parity, export = {}, {}
+    ks = sorted(set(opt.ks) | {s.K, s.cfg.train_timesteps}) if opt.ks else []
+    bar.stage("denoise steps", max(5, opt.reps // 3) * len(ks))
     with tempfile.TemporaryDirectory() as tmp:
         for k in ks:
-            if k == K:
-                eng = engine
-            else:
-                eng, k_parity[k] = _export_k(ckpt, Path(tmp) / f"k{k}", k, kind, opt.threads)
-            ref = TorchPolicy(model, norm, kind, k)
-            for p in (eng, ref):
-                _fill(p, mid, inputs)
-            cases = {
-                "engine": _step_cases("e", eng, mid, inputs, _noise(eng, rng))["e/control_step"],
-                "reference_k": _step_cases("r", ref, mid, inputs, _noise(ref, rng))["r/control_step"],
-            }
-            for name, v in interleaved(cases, hist_reps, 1, bar.advance).items():
-                k_curve[name][k] = summarize(v)
-    bar.close()
+            engines = {}
+            for graph in ("auto", *opt.sampler_graphs):
+                if graph == "auto" and k == s.K:
+                    engines["engine"] = s.policies["engine"]
+                    continue
+                name = "engine" if graph == "auto" else f"engine_{graph}"
+                engines[name], parity[f"{k}/{graph}"], export[f"{k}/{graph}"] = _export_k(
+                    s.ckpt, Path(tmp) / f"k{k}_{graph}", k, s.kind, graph, opt.threads
+                )
+            engines["reference_k"] = TorchPolicy(s.model, s.norm, s.kind, k)
+            cases = {}
+            for name, p in engines.items():
+                _fill(p, s.mid, s.inputs)
+                cases[name] = _step_cases(name, p, s.mid, s.inputs, _noise(p, s.rng))[f"{name}/control_step"]
+            for name, v in interleaved(cases, max(5, opt.reps // 3), 1, bar.advance).items():
+                curves[name][k] = summarize(v)
+    return curves, parity, export
 
-    # 4. memory and cold load, one fresh process each
-    memory = {}
-    if opt.memory:
-        memory["engine"] = _memory("engine", bundle, opt.threads)
-        memory["reference"] = _memory("reference", ckpt, opt.threads, K, kind)
 
+def _ratios(comp: dict, hist: list[int], history: dict, roof: dict, memory: dict) -> dict[str, float]:
     c = {k: v["p50"] for k, v in comp.items()}
+
+    def growth(name: str) -> float:
+        return history[name][hist[-1]]["p50"] / history[name][hist[0]]["p50"]
+
     ratios = {
         "control_step_speedup_vs_train_schedule": c["reference_train/control_step"] / c["engine/control_step"],
         "control_step_speedup_vs_same_k": c["reference_k/control_step"] / c["engine/control_step"],
         "transformer_step_speedup": c["reference_k/transformer_step"] / c["engine/transformer_step"],
         "sampler_speedup_same_k": c["reference_k/sampler"] / c["engine/sampler"],
-        "engine_full_cache_over_one_block": history["engine"][hist[-1]]["p50"] / history["engine"][hist[0]]["p50"],
-        "reference_full_cache_over_one_block": history["reference_k"][hist[-1]]["p50"]
-        / history["reference_k"][hist[0]]["p50"],
-        "naive_full_cache_over_one_block": history["naive_k"][hist[-1]]["p50"] / history["naive_k"][hist[0]]["p50"],
+        "engine_full_cache_over_one_block": growth("engine"),
+        "reference_full_cache_over_one_block": growth("reference_k"),
+        "naive_full_cache_over_one_block": growth("naive_k"),
         "engine_control_step_fraction_of_sgemm": roof["cases"]["engine/control_step"]["fraction_of_sgemm_512x512x512"],
     }
     if memory:
         ratios["engine_over_reference_peak_memory"] = (
             memory["engine"]["peak_rss_mb"] / memory["reference"]["peak_rss_mb"]
         )
+    return ratios
+
+
+def _targets(ratios: dict[str, float]) -> dict[str, dict]:
     targets = {}
     for name, (op, bound) in TARGETS.items():
         if name in ratios:
@@ -249,139 +298,86 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
                 "target": f"{op} {bound}",
                 "met": value >= bound if op == ">=" else value <= bound,
             }
+    return targets
+
+
+def bench(bundle: str | Path, reference: str | Path | None = None, options: BenchOptions | None = None) -> dict:
+    """Measure a bundle against its PyTorch reference; returns the JSON-ready result."""
+    opt = options or BenchOptions()
+    _check_options(opt)
+    s = _setup(Path(bundle), reference, opt)
+    bar = ProgressBar(opt.progress)
+    comp, roof = _components(s, opt, bar)
+    hist, history = _history(s, opt, bar)
+    k_curve, k_parity, k_export = _k_sweep(s, opt, bar)
+    bar.close()
+    memory = {}  # one fresh process each: peak memory and cold load
+    if opt.memory:
+        memory["engine"] = _memory("engine", s.bundle, opt.threads)
+        memory["reference"] = _memory("reference", s.ckpt, opt.threads, s.K, s.kind)
+    ratios = _ratios(comp, hist, history, roof, memory)
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
-        "bundle": str(bundle),
-        "reference": str(ckpt),
+        "bundle": str(s.bundle),
+        "reference": str(s.ckpt),
         "config": {
-            "preset_dims": {
-                "dim": cfg.dim,
-                "depth": cfg.depth,
-                "block_len": cfg.block_len,
-                "max_blocks": cfg.max_blocks,
-            },
-            "sampler": kind,
-            "denoise_steps": K,
-            "train_timesteps": cfg.train_timesteps,
-            "history_point": mid + 1,
+            "preset_dims": {k: getattr(s.cfg, k) for k in ("dim", "depth", "block_len", "max_blocks")},
+            "sampler": s.kind,
+            "denoise_steps": s.K,
+            "train_timesteps": s.cfg.train_timesteps,
+            "history_point": s.mid + 1,
         },
         "options": asdict(opt),
         "machine": _machine(opt.threads),
-        "load_s": {"engine": engine_load, "reference": reference_load},
+        "load_s": s.load_s,
         "components_ms": comp,
-        "history_ms": {n: {str(h): s for h, s in v.items()} for n, v in history.items()},
-        "k_ms": {n: {str(k): s for k, s in v.items()} for n, v in k_curve.items()},
-        "k_sweep_parity": {str(k): v for k, v in k_parity.items()},
+        "history_ms": {n: {str(h): st for h, st in v.items()} for n, v in history.items()},
+        "k_ms": {n: {str(k): st for k, st in v.items()} for n, v in k_curve.items()},
+        "k_sweep_parity": k_parity,
+        "k_sweep_export": k_export,
         "memory": memory,
         "ratios": ratios,
-        "targets": targets,
+        "targets": _targets(ratios),
         "roofline": roof,
     }
 
 
-def _export_k(ckpt: Path, out: Path, k: int, kind: str, threads: int):
-    """A bundle with K denoising steps, for timing. Its parity is recorded, not enforced: with K=1 the single
-    x0 estimate at t=T-1 multiplies float differences by 1/sqrt(alpha_bar), so backends may differ by more
-    than the deployment tolerance without any export error."""
+def _check_options(opt: BenchOptions) -> None:
+    from par_deploy.runtime.bundle import BACKENDS, SAMPLER_GRAPHS
+
+    if not opt.backends or any(b not in BACKENDS for b in opt.backends) or len(set(opt.backends)) < len(opt.backends):
+        raise BenchError(f"backends {opt.backends}: give distinct ones of {BACKENDS}")
+    if any(g not in SAMPLER_GRAPHS for g in opt.sampler_graphs):
+        raise BenchError(f"sampler graphs {opt.sampler_graphs}: choose from {SAMPLER_GRAPHS}")
+
+
+def _export_k(ckpt: Path, out: Path, k: int, kind: str, graph: str, threads: int):
+    """A bundle with K denoising steps (sampler graph ``graph``), for timing; returns (policy, parity, export
+    cost). Its parity is recorded, not enforced: with K=1 the single x0 estimate at t=T-1 multiplies float
+    differences by 1/sqrt(alpha_bar), so backends may differ by more than the deployment tolerance without any
+    export error."""
     from par_deploy import runtime
     from par_deploy.export import export_bundle
 
     report = export_bundle(
-        ckpt, out, backends=("onnx",), denoise_steps=k, sampler=kind, progress=False, require_parity=False
+        ckpt,
+        out,
+        backends=("onnx",),
+        denoise_steps=k,
+        sampler=kind,
+        sampler_graph=graph,
+        progress=False,
+        require_parity=False,
     )
     p = report.parity["onnx"]
     parity = {key: p[key] for key in ("hidden_max_abs", "actions_max_abs", "passed")}
-    return runtime.load(out, "onnx", threads=threads), parity
-
-
-class _Bar:
-    def __init__(self, enabled: bool):
-        self.p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.p = Progress(TextColumn("bench {task.description}"), BarColumn(), MofNCompleteColumn())
-            self.p.start()
-        self.task = None
-
-    def stage(self, name: str, total: int) -> None:
-        if self.p:
-            self.task = self.p.add_task(name, total=total)
-
-    def advance(self, _round: int = 0) -> None:
-        if self.p and self.task is not None:
-            self.p.advance(self.task)
-
-    def close(self) -> None:
-        if self.p:
-            self.p.stop()
-
-
-def print_report(result: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    cfg = result["config"]
-    t = Table(
-        title=f"control step at {cfg['history_point']} blocks of history (ms; {cfg['sampler']} "
-        f"K={cfg['denoise_steps']}, train schedule {cfg['train_timesteps']} steps)"
-    )
-    for col in ("case", "p50", "p90", "p99", "min"):
-        t.add_column(col, justify="right" if col != "case" else "left")
-    for name, s in result["components_ms"].items():
-        t.add_row(name, *(f"{s[k]:.2f}" for k in ("p50", "p90", "p99", "min")))
-    console.print(t)
-    if "roofline" in result:
-        roofline.print_roofline(result["roofline"], console)
-    r = Table(title="ratios (one run)")
-    r.add_column("ratio")
-    r.add_column("value", justify="right")
-    r.add_column("target")
-    for name, value in result["ratios"].items():
-        tgt = result["targets"].get(name)
-        mark = "" if not tgt else f"{tgt['target']} {'met' if tgt['met'] else 'MISSED'}"
-        r.add_row(name, f"{value:.2f}", mark)
-    console.print(r)
-    if result["memory"]:
-        m = result["memory"]
-        console.print(
-            f"peak RSS: engine process {m['engine']['peak_rss_mb']:.0f} MB (torch imported: "
-            f"{m['engine']['imported_torch']}), reference process {m['reference']['peak_rss_mb']:.0f} MB; "
-            f"cold load {m['engine']['load_s']:.2f} s vs {m['reference']['load_s']:.2f} s"
-        )
-
-
-def plot_result(result: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
-    for name, curve in result["history_ms"].items():
-        xs = sorted(int(h) for h in curve)
-        a.plot(xs, [curve[str(x)]["p50"] for x in xs], marker="o", label=name)
-    a.set_xlabel("history (blocks in the cache)")
-    a.set_ylabel("control step p50 (ms)")
-    a.set_title("cost vs history")
-    a.legend()
-    for name, curve in result["k_ms"].items():
-        xs = sorted(int(k) for k in curve)
-        if xs:
-            b.plot(xs, [curve[str(x)]["p50"] for x in xs], marker="o", label=name)
-    b.set_xscale("log")
-    b.set_yscale("log")
-    b.set_xlabel("denoising steps K")
-    b.set_ylabel("control step p50 (ms)")
-    b.set_title("cost vs K")
-    b.legend()
-    if "roofline" in result:
-        roofline.plot_roofline(c, result["roofline"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    cost = {
+        "sampler_graph": report.sampler_graph,
+        "seconds": report.seconds["total"],
+        "onnx_bytes": report.backend_bytes("onnx"),
+    }
+    return runtime.load(out, "onnx", threads=threads), parity, cost
 
 
 def run_bench(

@@ -1,7 +1,7 @@
 """Soak: many control steps in one process through the runtime, with the resident set and act() latency sampled
 every ``every`` steps (does memory or latency drift over a long episode?).
 
-    python -m par_deploy.bench.soak BUNDLE [--steps 10000] [--every 1000] [--json soak.json]
+    python -m par_deploy.bench.soak BUNDLE [--control-steps 10000] [--every 1000] [--json soak.json]
 
 One policy, loaded once and reset once: with a sliding cache (overflow ``"slide"``) the whole run is one
 episode; a bundle with overflow ``"error"`` is reset whenever its cache is full (counted, not timed).
@@ -55,17 +55,18 @@ def _observations(policy, rng: np.random.Generator, n: int = 16) -> list[dict[st
 
 def soak(
     bundle: str | Path,
-    steps: int = 10_000,
+    control_steps: int = 10_000,
     every: int = 1_000,
     backend: str = "onnx",
     threads: int = 1,
     seed: int = 0,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``steps`` control steps; a sample (``step``, ``rss_mb``, ``p50_ms``, ``p99_ms``, ``max_ms``) per window
-    of ``every`` steps (the last window may be shorter), each also passed to ``on_sample`` as it is taken."""
-    if steps < 1 or every < 1:
-        raise ConfigError(f"soak: steps and every must be >= 1, got steps={steps}, every={every}")
+    """Run ``control_steps`` control steps; a sample (``step``, ``rss_mb``, wall ``p50_ms``, ``p99_ms``,
+    ``max_ms``, CPU ``cpu_p50_ms``, ``cpu_p99_ms``) per window of ``every`` steps (the last window may be
+    shorter), each also passed to ``on_sample`` as it is taken."""
+    if control_steps < 1 or every < 1:
+        raise ConfigError(f"soak: control steps and every must be >= 1, got {control_steps} and {every}")
     policy = runtime.load(bundle, backend, threads=threads)
     observations = _observations(policy, np.random.default_rng(seed))
     load = os.getloadavg()[0]
@@ -75,7 +76,7 @@ def soak(
     window: list[float] = []
     cpu: list[float] = []
     resets = 0
-    for step in range(steps):
+    for step in range(control_steps):
         if policy.steps_left == 0:  # overflow "error" only
             policy.reset()
             resets += 1
@@ -83,7 +84,7 @@ def soak(
         policy.act(observations[step % len(observations)])
         window.append(time.perf_counter() - t)
         cpu.append(time.thread_time() - c)
-        if len(window) == every or step == steps - 1:
+        if len(window) == every or step == control_steps - 1:
             s, sc = summarize(window), summarize(cpu)
             sample = {"step": step + 1, "rss_mb": rss_mb(), "p50_ms": s["p50"], "p99_ms": s["p99"]}
             sample.update(max_ms=max(window) * 1e3, cpu_p50_ms=sc["p50"], cpu_p99_ms=sc["p99"])
@@ -98,7 +99,7 @@ def soak(
         "bundle": str(bundle),
         "backend": backend,
         "threads": threads,
-        "steps": steps,
+        "control_steps": control_steps,
         "every": every,
         "max_blocks": policy.spec.max_blocks,
         "overflow": policy.spec.overflow,
@@ -128,7 +129,7 @@ def format_sample(sample: dict[str, Any], first_rss_mb: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--steps", type=int, default=10_000, help="control steps (default 10000)")
+    ap.add_argument("--control-steps", type=int, default=10_000, help="control steps (default 10000)")
     ap.add_argument("--every", type=int, default=1_000, help="steps per sample (default 1000)")
     ap.add_argument("--backend", default="onnx")
     ap.add_argument("--threads", type=int, default=1)
@@ -142,13 +143,13 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(sample)
         print(format_sample(sample, rows[0]["rss_mb"]), flush=True)
 
-    r = soak(args.bundle, args.steps, args.every, args.backend, args.threads, args.seed, on_sample=show)
+    r = soak(args.bundle, args.control_steps, args.every, args.backend, args.threads, args.seed, on_sample=show)
     s = r["summary"]
     print(
-        f"{r['steps']} steps, overflow {r['overflow']} (max_blocks {r['max_blocks']}), {r['resets']} resets; "
-        f"RSS after load {r['rss_loaded_mb']:.2f} MB; last window vs first: RSS {s['rss_growth_mb']:+.2f} MB, "
-        f"p50 x{s['p50_last_over_first']:.2f}, p99 x{s['p99_last_over_first']:.2f}, CPU p50 "
-        f"x{s['cpu_p50_last_over_first']:.2f}, CPU p99 x{s['cpu_p99_last_over_first']:.2f}; "
+        f"{r['control_steps']} control steps, overflow {r['overflow']} (max_blocks {r['max_blocks']}), "
+        f"{r['resets']} resets; RSS after load {r['rss_loaded_mb']:.2f} MB; last window vs first: "
+        f"RSS {s['rss_growth_mb']:+.2f} MB, p50 x{s['p50_last_over_first']:.2f}, p99 x{s['p99_last_over_first']:.2f}, "
+        f"CPU p50 x{s['cpu_p50_last_over_first']:.2f}, CPU p99 x{s['cpu_p99_last_over_first']:.2f}; "
         f"load avg {r['load_avg_1m'][0]:.1f} -> {r['load_avg_1m'][1]:.1f}"
     )
     if args.json:

@@ -53,28 +53,28 @@ class StepGraph(nn.Module):
 
 
 class SamplerGraph(nn.Module):
-    """noise ``[K+1,1,L,A]``, cond ``[1,L,D]`` -> actions ``[1,L,A]``: K denoiser calls unrolled."""
+    """noise ``[K+1,1,L,A]``, action_cond ``[1,L,D]`` -> actions ``[1,L,A]``: K denoiser calls unrolled."""
 
     def __init__(self, model: PARModel, schedule: SamplerSchedule):
         super().__init__()
         check_exportable(model)
         self.head, self.schedule = model.action_head, schedule
 
-    def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        ck, cv = self.head.condition(cond)
+    def forward(self, noise: torch.Tensor, action_cond: torch.Tensor) -> torch.Tensor:
+        ck, cv = self.head.condition(action_cond)
         return sample(lambda x, t: self.head(x, t, ck, cv), self.schedule, noise, CLIP)
 
 
 class ConditionGraph(nn.Module):
-    """cond ``[1,L,D]`` -> the Action-DiT's cross-attention keys/values ``[dit_depth,1,H,L,hd]``."""
+    """action_cond ``[1,L,D]`` -> the Action-DiT's cross-attention keys/values ``[dit_depth,1,H,L,hd]``."""
 
     def __init__(self, model: PARModel):
         super().__init__()
         check_exportable(model)
         self.head = model.action_head
 
-    def forward(self, cond: torch.Tensor):
-        return self.head.condition(cond)
+    def forward(self, action_cond: torch.Tensor):
+        return self.head.condition(action_cond)
 
 
 class DenoiseGraph(nn.Module):

@@ -15,7 +15,6 @@ is refused; format-1 checkpoints (written before checksums existed) load without
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,13 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from par_deploy.config import PARConfig
 from par_deploy.errors import CheckpointError, ConfigError
-from par_deploy.files import atomic_path
+from par_deploy.files import CHECKPOINT_FILES, atomic_path, checkpoint_hash, sha256_file
 from par_deploy.locate import portable_path
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
-from par_deploy.runtime.bundle import sha256_file
 
-CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "normalization.json"
+CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = CHECKPOINT_FILES
 CHECKSUM_FILE, CHECKSUM_FORMAT = "checksums.json", "par-checksums"
 STORAGE_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -153,15 +151,6 @@ def from_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[PARMod
 
 def _format_version(config_file: Path) -> int:
     return int(json.loads(config_file.read_text())["format_version"])  # already validated by PARConfig.load
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """sha256 over config, weights and statistics: identifies the checkpoint an engine was built from."""
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE, NORM_FILE):
-        h.update(name.encode())
-        h.update((Path(path) / name).read_bytes())
-    return h.hexdigest()
 
 
 def make_deployment_checkpoint(

@@ -58,6 +58,24 @@ def command(*args, **kwargs):
     return register
 
 
+# Each kind of step has its own option name: --control-steps (policy calls), --optimizer-steps (training),
+# --denoise-steps (the Action-DiT sampler's K), --frame-ddim-steps (the frame de-tokenizer), --max-env-steps
+# (simulator steps). The old spellings (--steps, --max-steps) still work, hidden, with a warning.
+def _deprecated_option(old: str):
+    """A hidden option keeping an old spelling working (``_renamed`` warns and maps it)."""
+    return typer.Option(old, hidden=True, help=f"Deprecated spelling of another option ({old}).")
+
+
+def _renamed(value, default, old_value, old: str, new: str):
+    """The value of option ``new``, or of its deprecated spelling ``old`` (a warning on stderr; both: an error)."""
+    if old_value is None:
+        return value
+    if value != default:
+        raise ConfigError(f"{old} and {new} are the same option ({old} is its old spelling); give {new} only")
+    typer.secho(f"warning: {old} is deprecated here; use {new}", fg=typer.colors.YELLOW, err=True)
+    return old_value
+
+
 @command()
 def info(
     preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
@@ -73,13 +91,16 @@ def info(
 def demo(
     task: Annotated[str, typer.Option(help="Task whose shipped checkpoint runs (PushCube, ...).")] = "PushCube",
     checkpoint: Annotated[Path | None, typer.Option(help="Run this checkpoint instead of the task's.")] = None,
-    steps: Annotated[int, typer.Option(help="Stop after this many control steps (0: the whole episode).")] = 0,
+    control_steps: Annotated[
+        int, typer.Option(help="Stop after this many control steps (policy calls; 0: the whole episode).")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Initial state (env.reset(seed=500000 + SEED)) and policy seed.")] = 0,
+    old_steps: Annotated[int | None, _deprecated_option("--steps")] = None,
 ) -> None:
     """The main job on the embedded default: export the checkpoint to ONNX, drive a ManiSkill episode with it."""
     from par_deploy.describe import run_demo
 
-    run_demo(task, checkpoint, steps, seed)
+    run_demo(task, checkpoint, _renamed(control_steps, 0, old_steps, "--steps", "--control-steps"), seed)
 
 
 @command()
@@ -115,7 +136,7 @@ def train(
     data: Annotated[Path, typer.Argument(help="Demonstration directory written by `par-deploy demos`.")],
     out: Annotated[Path, typer.Option(help="Run directory (state, metrics, checkpoints). Resumes if present.")],
     preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
+    optimizer_steps: Annotated[int, typer.Option(help="Optimizer steps (AdamW updates).")] = 3000,
     batch_size: Annotated[int, typer.Option(help="Episodes per step (global over DDP processes).")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 200,
@@ -135,6 +156,7 @@ def train(
         str, typer.Option(help="Forward-pass autocast: auto (bf16 where the CPU has native bf16), bf16 or fp32.")
     ] = "auto",
     model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable.")] = [],  # noqa: B006
+    old_steps: Annotated[int | None, _deprecated_option("--steps")] = None,
 ) -> None:
     """Train PAR with teacher forcing over whole episodes (or windows: --window). Under `torchrun`: DDP."""
     from par_deploy.train.trainer import TrainConfig
@@ -142,7 +164,7 @@ def train(
 
     overrides = _model_overrides(model)
     tc = TrainConfig(
-        steps=steps,
+        steps=_renamed(optimizer_steps, 3000, old_steps, "--steps", "--optimizer-steps"),
         batch_size=batch_size,
         lr=lr,
         warmup=warmup,
@@ -203,11 +225,13 @@ def render(
     data: Annotated[Path, typer.Option(help="Demonstration directory.")],
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("predicted_frames.png"),
     episode: Annotated[int, typer.Option(help="Episode index in the dataset.")] = 0,
-    steps: Annotated[int, typer.Option(help="DDIM steps of the frame de-tokenizer.")] = 10,
+    frame_ddim_steps: Annotated[int, typer.Option(help="DDIM steps of the frame de-tokenizer.")] = 10,
+    old_steps: Annotated[int | None, _deprecated_option("--steps")] = None,
 ) -> None:
     """Predicted frames beside the real ones for one episode (real row over predicted row, paper Fig. 4)."""
     from par_deploy.render import render_predictions
 
+    steps = _renamed(frame_ddim_steps, 10, old_steps, "--steps", "--frame-ddim-steps")
     typer.echo(str(render_predictions(checkpoint, data, episode, out, steps)))
 
 
@@ -285,11 +309,21 @@ def bench(
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the scaling curves as PNG.")] = None,
+    backend: Annotated[
+        list[str],
+        typer.Option(
+            help="Engines timed (repeatable; the bundle must hold them): the first is 'engine', others beside it."
+        ),
+    ] = ["onnx"],  # noqa: B006
+    sampler_graph: Annotated[
+        list[str], typer.Option(help="Also time this sampler graph form (unrolled, loop) at every K (repeatable).")
+    ] = [],  # noqa: B006
 ) -> None:
     """Latency and memory of an engine against the PyTorch reference, measured in one run."""
-    from par_deploy.bench import run_bench
+    from par_deploy.bench import BenchOptions, run_bench
 
-    run_bench(engine, reference, json_out, plot, task=task)
+    options = BenchOptions(backends=tuple(backend), sampler_graphs=tuple(sampler_graph))
+    run_bench(engine, reference, json_out, plot, options, task=task)
 
 
 @command()
@@ -321,6 +355,17 @@ def serve(
         raise ConfigError(f"cannot listen on {host}:{port} ({e}); choose another --host/--port") from None
 
 
+_STATES_HELP = (
+    "Initial states i = 0 .. N-1 (the environment reset with seed SEED_BASE + i); each runs with every policy "
+    "seed, so episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
+    "--states 125 --seeds 0."
+)
+_SERVER_HELP = (
+    "Evaluate the policy served at this URL (`par-deploy serve`, e.g. ws://127.0.0.1:8000; start it with "
+    "--max-clients >= --workers)."
+)
+
+
 @command(name="eval")
 def evaluate(
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
@@ -334,15 +379,10 @@ def evaluate(
     ] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: onnx, torchscript, tensorrt.")] = "onnx",
     sampler: Annotated[str | None, typer.Option(help="Checkpoint only: ddim or ddpm (default: its own).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Checkpoint only: denoising steps K.")] = None,
-    states: Annotated[
-        int | None,
-        typer.Option(
-            help="Initial states i = 0 .. N-1 (the environment reset with seed SEED_BASE + i); each runs with every "
-            "policy seed, so episodes = states x seeds. Default 25 (x 5 seeds: the paper's 125). 125 distinct states: "
-            "--states 125 --seeds 0."
-        ),
+    denoise_steps: Annotated[
+        int | None, typer.Option(help="Checkpoint only: denoising steps K of the Action-DiT sampler.")
     ] = None,
+    states: Annotated[int | None, typer.Option(help=_STATES_HELP)] = None,
     seeds: Annotated[
         str, typer.Option(help="Policy (noise) seeds as a list, e.g. 0-4, 0,1,2 or 0 (one seed).")
     ] = "0-4",
@@ -359,19 +399,17 @@ def evaluate(
     compare: Annotated[
         bool, typer.Option(help="Also run the reference (the bundle's source checkpoint or --checkpoint) and compare.")
     ] = False,
-    max_steps: Annotated[int | None, typer.Option(help="Episode limit in env steps (default: the task's).")] = None,
+    max_env_steps: Annotated[
+        int | None, typer.Option(help="Episode limit in simulator steps (default: the task's).")
+    ] = None,
     control_mode: Annotated[str | None, typer.Option(help="Default: the checkpoint's training control mode.")] = None,
     stop_on_success: Annotated[
         bool, typer.Option(help="End an episode at its first success (faster; no success_at_end).")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per episode before a worker is restarted.")] = 600.0,
-    server: Annotated[
-        str | None,
-        typer.Option(
-            help="Evaluate the policy served at this URL (`par-deploy serve`, e.g. ws://127.0.0.1:8000; start it with "
-            "--max-clients >= --workers)."
-        ),
-    ] = None,
+    server: Annotated[str | None, typer.Option(help=_SERVER_HELP)] = None,
+    old_steps: Annotated[int | None, _deprecated_option("--steps")] = None,
+    old_max_steps: Annotated[int | None, _deprecated_option("--max-steps")] = None,
 ) -> None:
     """ManiSkill success rate of an engine or of the PyTorch reference (the paper's 25 states x 5 seeds)."""
     from par_deploy.eval import run_eval
@@ -382,7 +420,7 @@ def evaluate(
         checkpoint,
         backend=backend,
         sampler=sampler,
-        steps=steps,
+        steps=_renamed(denoise_steps, None, old_steps, "--steps", "--denoise-steps"),
         episodes=episodes,
         states=states,
         seeds=seeds,
@@ -392,7 +430,7 @@ def evaluate(
         json_path=json_out,
         video_dir=video,
         compare=compare,
-        max_steps=max_steps,
+        max_steps=_renamed(max_env_steps, None, old_max_steps, "--max-steps", "--max-env-steps"),
         control_mode=control_mode,
         stop_on_success=stop_on_success,
         timeout=timeout,

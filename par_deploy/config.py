@@ -18,68 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from par_deploy.config_formats import FORMAT_1_IMPLIED, IMPLIED_BY_FORMAT  # noqa: F401 (re-exported)
 from par_deploy.errors import ConfigError
 
 CONFIG_TYPE = "par"
 # Format 2: config.json lists every field; a missing field is an error (defaults are for configs built in code).
 # Format 1 (before 2026-11-25) let a missing field take the dataclass default; those files load through
-# FORMAT_1_IMPLIED, the values format 1 implied, frozen here so later default changes cannot alter them.
+# FORMAT_1_IMPLIED (par_deploy/config_formats.py), the values format 1 implied, frozen so later default changes
+# cannot alter them.
 CONFIG_FORMAT_VERSION = 2
-FORMAT_1_IMPLIED: dict[str, Any] = {
-    "image_size": 64,
-    "num_cameras": 1,
-    "action_dim": 4,
-    "state_dim": 0,
-    "chunk_len": 8,
-    "max_blocks": 32,
-    "instructions": ["push the cube to the goal region"],
-    "num_text_tokens": 4,
-    "text_encoder_path": None,
-    "text_encoder_dim": 0,
-    "codec": "patch",
-    "patch_size": 16,
-    "target_pool": 2,
-    "frame_embed": "linear",
-    "vae_path": None,
-    "vae_latent_channels": 4,
-    "vae_downsample": 8,
-    "dim": 256,
-    "depth": 6,
-    "heads": 4,
-    "mlp_ratio": 4.0,
-    "rope_theta_frame": 100.0,
-    "rope_theta_action": 10000.0,
-    "spatial_depth": 2,
-    "frame_head_width": 384,
-    "frame_head_depth": 2,
-    "frame_mask_min": 0.7,
-    "frame_decode_sets": 4,
-    "frame_head": True,
-    "dit_dim": 256,
-    "dit_depth": 3,
-    "dit_heads": 4,
-    "action_tokenizer_hidden": 256,
-    "train_timesteps": 100,
-    "beta_schedule": "squaredcos_cap_v2",
-    "diffusion_batch_mul": 4,
-    "sampler": "ddim",
-    "sample_steps": 10,
-    "frame_loss_weight": 1.0,
-    "action_loss_weight": 1.0,
-    "variant": "full",
-    "extra": {},
-    # fields added with format 2: the behaviour every format-1 checkpoint was trained with
-    "overflow": "error",
-    "block_norm": "pre",
-    "activation": "gelu_tanh",
-    "text_attention": "causal",
-    "text_embed": "linear",
-    "video_patch_size": 0,
-    "pos_embed": "learned",
-    "spatial_cond": "add",
-    "frame_mlp": "mar",
-}
-IMPLIED_BY_FORMAT: dict[int, dict[str, Any]] = {1: FORMAT_1_IMPLIED}  # older format -> values it implied
 
 VARIANTS = ("full", "noar", "discrete")
 CODECS = ("patch", "vae")
@@ -95,6 +42,50 @@ SPATIAL_CONDS = ("add", "prepend")
 FRAME_MLPS = ("mar", "nova")
 OVERFLOWS = ("error", "slide")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a model was trained for: the typed view of the task fields of ``config.extra``.
+
+    ``config.json`` keeps them in ``extra`` (every checkpoint since format 1 has them there, written from the
+    dataset's ``meta.json`` by ``train/dataset.py``), so no checkpoint needs re-saving; read them through
+    ``PARConfig.task_info``, write them with ``to_extra``. ``None`` / empty: not recorded (a synthetic or
+    hand-built config).
+    """
+
+    task: str | None = None  # par_deploy.sim.TASKS key, e.g. "PushCube"
+    env_id: str | None = None  # the ManiSkill id, e.g. "PushCube-v1"
+    control_mode: str | None = None  # the controller of the training actions, e.g. "pd_ee_delta_pos"
+    max_episode_steps: int | None = None  # the demonstrations' horizon (env steps)
+    state_keys: tuple[tuple[str, int], ...] = ()  # observation keys and widths concatenated into the state
+
+    KEYS = ("task", "env_id", "control_mode", "max_episode_steps", "state_keys")
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any], source: str = "config") -> TaskInfo:
+        """Parse the task fields of an ``extra`` dict (other keys, e.g. provenance, are ignored)."""
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{source}.extra must be a JSON object, got {type(extra).__name__}")
+        for key in ("task", "env_id", "control_mode"):
+            if extra.get(key) is not None and not isinstance(extra[key], str):
+                raise ConfigError(f"{source}.extra.{key} must be a string, got {extra[key]!r}")
+        steps = extra.get("max_episode_steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+            raise ConfigError(f"{source}.extra.max_episode_steps must be a positive integer, got {steps!r}")
+        keys = extra.get("state_keys") or ()
+        try:
+            state_keys = tuple((str(k), int(n)) for k, n in keys)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}.extra.state_keys must be a list of [key, width] pairs, got {keys!r}") from None
+        return cls(extra.get("task"), extra.get("env_id"), extra.get("control_mode"), steps, state_keys)
+
+    def to_extra(self) -> dict[str, Any]:
+        """The ``extra`` entries (JSON types) of the recorded fields."""
+        d = {k: getattr(self, k) for k in self.KEYS if k != "state_keys" and getattr(self, k) is not None}
+        if self.state_keys:
+            d["state_keys"] = [[k, n] for k, n in self.state_keys]
+        return d
 
 
 @dataclass
@@ -170,7 +161,8 @@ class PARConfig:
     # --- ablations (paper §5.3) ------------------------------------------------------------------
     variant: str = "full"  # "noar": no transformer; "discrete": MLP regression de-tokenizers
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (task, control mode, ...)
+    # the training task (typed: ``task_info``, ``TaskInfo``) and free-form provenance (``made_from``, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.instructions = tuple(self.instructions)
@@ -228,6 +220,7 @@ class PARConfig:
         if self.dit_dim % self.dit_heads:
             raise ConfigError(f"config.dit_dim={self.dit_dim} must be divisible by dit_heads={self.dit_heads}")
         self._check_nova_choices()
+        TaskInfo.from_extra(self.extra)  # a ConfigError names a mistyped task field
         if self.latent_size % self.patch_size:
             raise ConfigError(
                 f"config.patch_size={self.patch_size} must divide the {self.codec} codec's spatial size "
@@ -265,6 +258,11 @@ class PARConfig:
             raise ConfigError("config.frame_embed 'conv' works on the patch_size grid: leave video_patch_size 0")
         if self.text_embed == "nova" and not self.text_encoder_path:
             raise ConfigError("config.text_embed 'nova' projects a text encoder's features: set text_encoder_path")
+
+    @property
+    def task_info(self) -> TaskInfo:
+        """The task this model was trained for (``extra``'s task fields, typed)."""
+        return TaskInfo.from_extra(self.extra)
 
     # --- derived sizes -------------------------------------------------------------------------
     @property
@@ -322,6 +320,16 @@ class PARConfig:
     @property
     def max_seq_len(self) -> int:
         return self.num_text_tokens + self.max_blocks * self.block_len
+
+    # --- cache geometry: the one implementation the model, the exporter and every runtime backend use ---
+    def block_slot(self, block):
+        """First KV-cache slot of block ``block`` (an int, or an int64 tensor inside a traced graph): the text
+        prefix fills slots ``0 .. K_t - 1``, block n slots ``K_t + n*Bl .. K_t + (n+1)*Bl - 1``."""
+        return self.num_text_tokens + block * self.block_len
+
+    def cache_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
+        """``[layers, batch, heads, max_seq_len, head_dim]``: one static cache (keys or values)."""
+        return (self.depth, batch, self.heads, self.max_seq_len, self.dim // self.heads)
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _demo_env(task: str, policy, console: Console):
     try:
         from par_deploy.sim import make_env
 
-        control_mode = policy.bundle.config.extra.get("control_mode", "pd_ee_delta_pos")
+        control_mode = policy.bundle.config.task_info.control_mode or "pd_ee_delta_pos"
         return make_env(task, image_size=s.image_size, control_mode=control_mode), f"ManiSkill {task}"
     except Exception as e:  # noqa: BLE001 - say why it is not used and go on without it
         console.print(f"[yellow]simulator unavailable ({type(e).__name__}: {e}); random observations[/]")
@@ -117,7 +117,7 @@ def run_demo(
     )
     console.print(resolved.describe())
     policy = runtime.load(resolved.bundle, "onnx", seed=seed)
-    task = policy.bundle.config.extra.get("task", task)
+    task = policy.bundle.config.task_info.task or task
     env, source = _demo_env(task, policy, console)
     instruction = TASKS[task].instruction if task in TASKS else policy.spec.instructions[0]
     episode = Episode(

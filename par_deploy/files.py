@@ -1,8 +1,13 @@
-"""Atomic file writes: the one rule for every file the project writes for another process (or a resumed run)
-to read. A reader sees the old file or the whole new one, never a part."""
+"""Files: the one atomic write and the one set of digests (numpy- and torch-free).
+
+Atomic writes are the rule for every file the project writes for another process (or a resumed run) to read: a
+reader sees the old file or the whole new one, never a part. ``checkpoint_hash`` identifies a checkpoint
+directory (export records it in a bundle's manifest; the runtime, eval and bench check it without torch).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,3 +34,29 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json")  # what a checkpoint's hash covers
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """sha256 over a checkpoint's config, weights and statistics (each file's name, then its bytes): identifies the
+    checkpoint an engine was built from. ``CheckpointError`` names a missing file."""
+    from par_deploy.errors import CheckpointError
+
+    h = hashlib.sha256()
+    for name in CHECKPOINT_FILES:
+        p = Path(path) / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing checkpoint file (cannot tell which checkpoint this is)")
+        h.update(name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()

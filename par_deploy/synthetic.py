@@ -1,14 +1,17 @@
-"""Synthetic episodes in the training-batch layout: tests, smoke runs and benchmarks without a simulator.
+"""Synthetic episodes and models: tests, smoke runs and benchmarks without a simulator or a trained checkpoint.
 
-A coloured square moves across the frame under the actions (so frames depend on actions and a model can
-learn both losses), the state is its position, actions are normalised to [-1, 1].
+Episodes (``synthetic_batch``): a coloured square moves across the frame under the actions (so frames depend on
+actions and a model can learn both losses), the state is its position, actions are normalised to [-1, 1].
+Models (``randomized_checkpoint``): a preset with every parameter perturbed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from par_deploy.config import PARConfig
+from par_deploy.config import PARConfig, preset
 
 
 def synthetic_batch(
@@ -110,3 +113,26 @@ def write_synthetic_demos(
             seed=np.int64(i),
         )
     return out
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add ``scale`` * N(0, 1) to every parameter, in place: the zero-initialised output layers otherwise make an
+    untrained de-tokenizer output 0, which would make parity tests pass trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def randomized_checkpoint(preset_name: str, out_dir: Path, scale: float = 0.02, seed: int = 0, **overrides) -> Path:
+    """Save a ``save_pretrained`` checkpoint of a preset (config ``overrides`` applied) with randomised weights
+    (``randomize_``) and identity normalisation statistics."""
+    from par_deploy.checkpoint import save_pretrained
+    from par_deploy.model.par import PARModel
+    from par_deploy.normalize import Normalizer
+
+    cfg = preset(preset_name, **overrides)
+    torch.manual_seed(seed)
+    model = randomize_(PARModel(cfg).eval(), scale, seed)
+    return save_pretrained(model, Normalizer.identity(cfg.action_dim, cfg.state_dim), out_dir)

@@ -8,18 +8,9 @@ from par_deploy.checkpoint import CONFIG_FILE, NORM_FILE, write_checksums
 from par_deploy.config import PARConfig, preset
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
+from par_deploy.synthetic import randomize_
 
 torch.set_num_threads(1)
-
-
-def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter: the zero-initialised output layers otherwise make an untrained de-tokenizer
-    output 0, which would make parity tests pass trivially."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def skewed_normalizer(action_dim: int, state_dim: int) -> Normalizer:
@@ -44,7 +35,7 @@ def use_skewed_normalizer(ckpt: Path) -> Path:
 def runtime_bundle(tmp_path_factory) -> Path:
     """An ONNX bundle of a randomised tiny model (two instructions, DDIM K=4, ``skewed_normalizer``); read only."""
     from par_deploy.export import export_bundle
-    from par_deploy.export.measure import randomized_checkpoint
+    from par_deploy.synthetic import randomized_checkpoint
 
     work = tmp_path_factory.mktemp("runtime")
     ckpt = randomized_checkpoint(

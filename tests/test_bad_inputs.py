@@ -37,10 +37,10 @@ from par_deploy.errors import (
     ResumeError,
 )
 from par_deploy.export import export_bundle
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.export.parity import parity_report
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.bundle import BackendUnavailable, BundleError, open_bundle
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 
@@ -462,7 +462,7 @@ BAD = {
     "train": ["train", "{missing}", "--out", "{tmp}/run"],
     "slim": ["slim", "{missing}", "--out", "{tmp}/s"],
     "demos": ["demos", "--task", "FlyToTheMoon", "-n", "1", "--out", "{tmp}/d"],
-    "demo": ["demo", "--checkpoint", "{missing}", "--steps", "1"],
+    "demo": ["demo", "--checkpoint", "{missing}", "--control-steps", "1"],
     "eval": ["eval", "--engine", "{missing}", "--episodes", "1"],
 }
 

@@ -4,22 +4,14 @@ import json
 import math
 
 import pytest
-import torch
 
 from par_deploy.bench import BenchError, BenchOptions, bench
 from par_deploy.bench.run import TARGETS, plot_result
-from par_deploy.checkpoint import save_pretrained
-from par_deploy.config import preset
-from par_deploy.model.par import PARModel
-from par_deploy.normalize import Normalizer
-from tests.conftest import randomize_
+from par_deploy.synthetic import randomized_checkpoint
 
 
 def tiny_checkpoint(path, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = preset("tiny", **overrides)
-    model = randomize_(PARModel(cfg), seed=seed)
-    return save_pretrained(model, Normalizer.identity(cfg.action_dim, cfg.state_dim), path)
+    return randomized_checkpoint("tiny", path, scale=0.05, seed=seed, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +76,30 @@ def test_bundle_of_another_checkpoint_is_refused(tiny_bundle, tmp_path):
         bench(tiny_bundle / "bundle", other, BenchOptions(reps=2, progress=False, memory=False))
     with pytest.raises(BenchError, match="not found"):
         bench(tiny_bundle / "bundle", tmp_path / "missing", BenchOptions(progress=False))
+
+
+def test_bench_compares_backends_and_sampler_graphs(tmp_path):
+    """What export/measure.py compared, now bench options: another backend of the same bundle beside the ONNX
+    engine, and both sampler graph forms at each K of the sweep (with their export cost)."""
+    from par_deploy.export import export_bundle
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    export_bundle(ckpt, tmp_path / "b", backends=("onnx", "torchscript"), denoise_steps=2, progress=False)
+    opt = BenchOptions(
+        reps=2,
+        warmup=1,
+        ks=(1,),
+        memory=False,
+        progress=False,
+        backends=("onnx", "torchscript"),
+        sampler_graphs=("loop",),
+        history=(1,),
+    )
+    result = bench(tmp_path / "b", None, opt)
+    assert {"engine/control_step", "engine_torchscript/control_step"} <= set(result["components_ms"])
+    assert set(result["k_ms"]) == {"engine", "reference_k", "engine_loop"}
+    assert set(result["k_ms"]["engine_loop"]) == {"1", "2", "50"}
+    cost = result["k_sweep_export"]["1/loop"]
+    assert cost["sampler_graph"] == "loop" and cost["seconds"] > 0 and cost["onnx_bytes"] > 0
+    with pytest.raises(BenchError, match="distinct"):
+        bench(tmp_path / "b", None, BenchOptions(backends=("onnx", "onnx"), progress=False))

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -101,3 +102,27 @@ def test_eval_help_says_how_states_seeds_and_episodes_compose():
     text = " ".join(runner.invoke(app, ["eval", "--help"]).output.replace("│", " ").split())  # rich's boxes
     assert "episodes = states x seeds" in text and "--states 125 --seeds 0" in text
     assert "reset with seed SEED_BASE + i" in text
+
+
+STEP_OPTIONS = {  # each kind of step has its own option name
+    "demo": "--control-steps",
+    "train": "--optimizer-steps",
+    "render": "--frame-ddim-steps",
+    "eval": "--denoise-steps",
+    "export": "--denoise-steps",
+}
+
+
+@pytest.mark.parametrize("command", sorted(STEP_OPTIONS))
+def test_step_options_are_named_by_kind(command):
+    out = runner.invoke(app, [command, "--help"], terminal_width=200).output
+    assert STEP_OPTIONS[command] in out and not re.search(r"(?<![\w-])--steps\b", out)  # the old spelling: hidden
+
+
+def test_old_steps_spelling_still_works_with_a_warning(tmp_path):
+    missing = str(tmp_path / "missing")
+    result = runner.invoke(app, ["demo", "--checkpoint", missing, "--steps", "1"])
+    assert "warning: --steps is deprecated here; use --control-steps" in result.output
+    assert result.exit_code == 2 and "missing" in result.output  # then it runs as --control-steps 1 would
+    result = runner.invoke(app, ["demo", "--checkpoint", missing, "--steps", "1", "--control-steps", "2"])
+    assert result.exit_code == 2 and "same option" in result.output

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from par_deploy.config import CONFIG_FORMAT_VERSION, PARConfig, preset
+from par_deploy.config import CONFIG_FORMAT_VERSION, PARConfig, TaskInfo, preset
 from par_deploy.errors import ConfigError
 from par_deploy.model.par import PARModel
 
@@ -63,3 +63,19 @@ def test_newer_format_and_wrong_type_refused(tmp_path):
     (tmp_path / "d.json").write_text("{not json")
     with pytest.raises(ConfigError, match="d.json"):
         PARConfig.load(tmp_path / "d.json")
+
+
+def test_task_info_is_the_typed_view_of_extra():
+    extra = {"task": "PushCube", "control_mode": "pd_ee_delta_pos", "state_keys": [["agent/qpos", 9]], "made_from": "x"}
+    cfg = preset("tiny", extra=extra)
+    assert cfg.task_info == TaskInfo("PushCube", None, "pd_ee_delta_pos", None, (("agent/qpos", 9),))
+    assert TaskInfo.from_extra(cfg.task_info.to_extra()) == cfg.task_info  # round trip (provenance keys dropped)
+    assert PARConfig.from_dict(cfg.to_dict()).task_info == cfg.task_info
+    assert preset("tiny").task_info == TaskInfo()  # nothing recorded
+    for bad, field in (
+        ({"task": 3}, "extra.task"),
+        ({"max_episode_steps": "100"}, "max_episode_steps"),
+        ({"state_keys": [["qpos"]]}, "state_keys"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            preset("tiny", extra=bad)

@@ -785,7 +785,7 @@ def test_cli_eval_in_maniskill(tmp_path):
         str(ckpt),
         "--episodes",
         "2",
-        "--max-steps",
+        "--max-env-steps",
         "16",
         "--workers",
         "1",

@@ -16,7 +16,6 @@ from par_deploy.config import preset
 from par_deploy.errors import CacheFullError, ConfigError
 from par_deploy.export import BackendUnavailable, BundleError, ExportError, export_bundle, load_policy
 from par_deploy.export.graphs import StepGraph
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.export.onnx_export import export_onnx
 from par_deploy.export.parity import synthetic_observations
 from par_deploy.export.torchscript_export import export_torchscript
@@ -27,12 +26,12 @@ from par_deploy.runtime.bundle import (
     MANIFEST_FILE,
     GraphSpec,
     TensorSpec,
-    checkpoint_digest,
     graph_specs,
     open_bundle,
     read_manifest,
     sha256_file,
 )
+from par_deploy.synthetic import randomized_checkpoint
 from tests.conftest import use_skewed_normalizer
 
 torch.set_num_threads(1)
@@ -129,7 +128,7 @@ def test_export_report_and_manifest(tiny, custom):
             assert p["passed"] and p["hidden_max_abs"] < 1e-4 and p["actions_max_abs"] < 1e-3
             assert p["reference_actions_std"] > 0.1 and p["reference_actions_unsaturated"] > 0.3
         m = read_manifest(report.bundle_dir)
-        assert m["checkpoint_hash"] == checkpoint_hash(ckpt) == checkpoint_digest(ckpt)
+        assert m["checkpoint_hash"] == checkpoint_hash(ckpt)
         assert m["format_version"] == BUNDLE_FORMAT_VERSION and m["precision"] == "fp32"
         assert m["cache"]["overflow"] == "error" and m["cache"]["max_blocks"] == m["config"]["max_blocks"]
         assert m["parity"] == json.loads(json.dumps(report.parity))
@@ -224,6 +223,10 @@ def test_bundle_for_another_model_is_refused(tiny, custom, tmp_path):
     # newer format versions and other files are refused
     _rewrite(b2, lambda m: m.update(format_version=BUNDLE_FORMAT_VERSION + 1))
     with pytest.raises(BundleError, match="newer"):
+        load_policy(b2, "onnx")
+    # format 1 (graph input ``cond``, before ``action_cond`` was one name end to end): a re-export hint
+    _rewrite(b2, lambda m: m.update(format_version=1))
+    with pytest.raises(BundleError, match="older than this par-deploy reads.*re-export"):
         load_policy(b2, "onnx")
     _rewrite(b2, lambda m: m.update(format="something-else"))
     with pytest.raises(BundleError, match="not a par-deploy bundle"):

@@ -15,8 +15,8 @@ from par_deploy import runtime
 from par_deploy.client import RemotePolicy
 from par_deploy.errors import CacheFullError, ConfigError
 from par_deploy.export import export_bundle
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.serve.server import PolicyServer, ServerThread
+from par_deploy.synthetic import randomized_checkpoint
 
 LENGTHS = 10  # episode length in multiples of max_blocks
 
@@ -116,7 +116,7 @@ def test_soak_samples_rss_and_latency_per_window(slide_bundle, runtime_bundle, t
     from par_deploy.bench import soak
 
     out = tmp_path / "soak.json"
-    soak.main([str(slide_bundle), "--steps", "25", "--every", "10", "--json", str(out)])
+    soak.main([str(slide_bundle), "--control-steps", "25", "--every", "10", "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["schema"] == "par-soak" and r["overflow"] == "slide" and r["resets"] == 0
     assert [s["step"] for s in r["series"]] == [10, 20, 25]
@@ -129,8 +129,8 @@ def test_soak_samples_rss_and_latency_per_window(slide_bundle, runtime_bundle, t
         "20",
         "25",
     ]
-    assert "25 steps, overflow slide (max_blocks 8), 0 resets" in table[4]
+    assert "25 control steps, overflow slide (max_blocks 8), 0 resets" in table[4]
     n = runtime.load(runtime_bundle).spec.max_blocks
-    assert soak.soak(runtime_bundle, steps=3 * n + 1, every=n)["resets"] == 3  # full at steps n, 2n, 3n
-    with pytest.raises(ConfigError, match="every must be >= 1"):
-        soak.soak(runtime_bundle, steps=10, every=0)
+    assert soak.soak(runtime_bundle, control_steps=3 * n + 1, every=n)["resets"] == 3  # full at steps n, 2n, 3n
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        soak.soak(runtime_bundle, control_steps=10, every=0)

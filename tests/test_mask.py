@@ -8,7 +8,7 @@ import torch
 from par_deploy.config import preset
 from par_deploy.errors import ConfigError
 from par_deploy.kernels.attention import cache_step_mask
-from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask, text_mask
+from par_deploy.model.layout import intra_block_mask, sequence_mask, text_mask
 
 
 def tokens(cfg, blocks):
@@ -73,7 +73,7 @@ def test_cache_step_mask_equals_rows_of_the_full_mask():
     full = sequence_mask(cfg, N)
     S = cfg.max_seq_len
     for n in range(N):
-        start = block_slot(cfg, n)
+        start = cfg.block_slot(n)
         step = cache_step_mask(torch.tensor([start]), S, intra_block_mask(cfg))  # [Bl, S + Bl]
         rows = full[start : start + Bl]
         assert torch.equal(step[:, :start], rows[:, :start])  # history

@@ -8,8 +8,7 @@ from par_deploy.model.detokenizers import set_sizes
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy
-from par_deploy.synthetic import synthetic_batch
-from tests.conftest import randomize_
+from par_deploy.synthetic import randomize_, synthetic_batch
 
 
 def incremental_vs_full(model, batch, N):

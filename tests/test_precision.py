@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from par_deploy.export import BackendUnavailable, ExportError, export_bundle, load_policy
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.export.parity import TOLERANCES
 from par_deploy.export.precision import INT8_GRAPHS, ort_has_bf16_matmul
 from par_deploy.export.tensorrt import onnx_source
 from par_deploy.runtime.bundle import MANIFEST_FILE, read_manifest
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 

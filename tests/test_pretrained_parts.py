@@ -12,8 +12,7 @@ from par_deploy.errors import ConfigError
 from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy
-from par_deploy.synthetic import synthetic_batch
-from tests.conftest import randomize_
+from par_deploy.synthetic import randomize_, synthetic_batch
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,8 @@ def test_runtime_import_and_onnx_run_need_no_torch(bundle):
         import sys
         import numpy as np
         import par_deploy.runtime as rt
-        policy = rt.load({str(bundle)!r}, "onnx", threads=1)
+        # checkpoint=: the bundle's source checkpoint checked by its sha256 (par_deploy.files.checkpoint_hash)
+        policy = rt.load({str(bundle)!r}, "onnx", threads=1, checkpoint={str(bundle.parent / "ckpt")!r})
         policy.reset("pick the cube")
         s = policy.spec
         for i in range(3):
@@ -141,6 +142,8 @@ def test_runtime_import_and_onnx_run_need_no_torch(bundle):
 
 
 def test_bundle_errors_name_the_problem(bundle, tmp_path):
+    with pytest.raises(BundleError, match="config.json: missing checkpoint file"):
+        runtime.load(bundle, checkpoint=tmp_path)  # not a checkpoint: which checkpoint it is cannot be told
     with pytest.raises(BundleError, match="not a bundle directory"):
         runtime.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

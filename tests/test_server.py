@@ -20,11 +20,11 @@ from par_deploy import runtime
 from par_deploy.client import RemotePolicy
 from par_deploy.errors import InputError
 from par_deploy.export import export_bundle
-from par_deploy.export.measure import randomized_checkpoint
-from par_deploy.runtime.bundle import sha256_file
+from par_deploy.files import sha256_file
 from par_deploy.serve import protocol
 from par_deploy.serve.protocol import ProtocolError, RemoteError, ServerUnavailable
 from par_deploy.serve.server import PolicyServer, ServerProcess, ServerThread
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 INSTRUCTIONS = ("push the cube", "pick the cube")

@@ -13,7 +13,9 @@ from par_deploy.reference import TorchPolicy
 def test_shipped_checkpoint_loads_and_acts():
     model, norm = from_pretrained(SHIPPED_CHECKPOINT)
     cfg = model.cfg
-    assert cfg.extra["task"] == "PushCube" and cfg.extra["control_mode"] == "pd_ee_delta_pos"
+    task = cfg.task_info  # read from the shipped config.json's ``extra`` as it is (no re-save)
+    assert task.task == "PushCube" and task.control_mode == "pd_ee_delta_pos" and task.env_id == "PushCube-v1"
+    assert task.max_episode_steps == 100 and task.state_keys[0] == ("agent/qpos", 9)
     assert sum(f.stat().st_size for f in Path(SHIPPED_CHECKPOINT).iterdir()) < 25e6
     card = (Path(SHIPPED_CHECKPOINT) / "MODEL_CARD.md").read_text()
     assert re.search(checkpoint_hash(SHIPPED_CHECKPOINT), card), "the model card names another checkpoint"

@@ -17,7 +17,6 @@ import torch
 from par_deploy import runtime
 from par_deploy.config import preset
 from par_deploy.errors import InputError
-from par_deploy.model.layout import block_slot
 from par_deploy.model.rope import BlockRope, apply_rope
 from par_deploy.model.transformer import Attention
 from par_deploy.normalize import Normalizer
@@ -49,7 +48,7 @@ def _angles(tokens) -> np.ndarray:
 def test_block_layout_of_the_tiny_config():
     cfg = preset("tiny", **SPEC)
     assert (cfg.frame_tokens, cfg.obs_tokens, cfg.block_len) == (4, 5, 8)
-    assert [block_slot(cfg, n) for n in range(3)] == [2, 10, 18]  # text prefix fills slots 0 and 1
+    assert [cfg.block_slot(n) for n in range(3)] == [2, 10, 18]  # text prefix fills slots 0 and 1
 
 
 def test_rope_positions_and_bases_of_every_token_type():

@@ -11,12 +11,12 @@ import torch
 from onnx import TensorProto, helper
 
 from par_deploy.export import BackendUnavailable, ExportError, export_bundle
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.export.onnx_export import load_onnx, onnx_ops, onnx_opset
 from par_deploy.export.tensorrt import TRT_MAX_OPSET, TRT_SUPPORTED_OPS, check_onnx_for_tensorrt
 from par_deploy.runtime import load, open_bundle, tensorrt_profiles
 from par_deploy.runtime.bundle import GraphSpec, TensorSpec
 from par_deploy.runtime.tensorrt_policy import import_tensorrt
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 

@@ -49,7 +49,7 @@ def test_sampler_is_deterministic_and_resumable(demos):
 def test_train_writes_a_loadable_checkpoint_and_metrics(demos, tmp_path):
     final = train(demos, tmp_path / "run", "tiny", small(), progress=False)
     model, norm = from_pretrained(final)
-    assert model.cfg.instructions == ("move the square",) and model.cfg.extra["task"] == "Synthetic"
+    assert model.cfg.instructions == ("move the square",) and model.cfg.task_info.task == "Synthetic"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(np.isfinite(float(x.split('"loss": ')[1].split(",")[0])) for x in lines)
     assert (tmp_path / "run" / "checkpoints" / "step_0000003" / "model.safetensors").exists()
@@ -88,7 +88,7 @@ def test_ddp_on_gloo_with_two_processes(demos, tmp_path):
         str(tmp_path / "ddp"),
         "--preset",
         "tiny",
-        "--steps",
+        "--optimizer-steps",
         "3",
         "--batch-size",
         "2",
@@ -100,7 +100,7 @@ def test_ddp_on_gloo_with_two_processes(demos, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, _ = from_pretrained(tmp_path / "ddp" / "final")
-    assert model.cfg.extra["task"] == "Synthetic"
+    assert model.cfg.task_info.task == "Synthetic"
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # log_every=10: the last step
 
 

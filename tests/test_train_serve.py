@@ -32,8 +32,8 @@ from par_deploy.errors import InputError
 from par_deploy.export import export_bundle
 from par_deploy.model.par import PARModel
 from par_deploy.reference import TorchPolicy
+from par_deploy.synthetic import randomize_
 from par_deploy.train.dataset import EpisodeDataset, collate, episode_blocks
-from tests.conftest import randomize_
 
 torch.set_num_threads(1)
 

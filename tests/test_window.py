@@ -11,8 +11,8 @@ from par_deploy import runtime
 from par_deploy.config import PARConfig, preset
 from par_deploy.errors import CacheFullError, ConfigError
 from par_deploy.export import export_bundle
-from par_deploy.export.measure import randomized_checkpoint
 from par_deploy.reference import TorchPolicy
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 W = 4  # cache length in blocks

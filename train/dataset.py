@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from par_deploy.config import PARConfig
+from par_deploy.config import PARConfig, TaskInfo
 from par_deploy.normalize import Normalizer
 from par_deploy.train.demos import list_episodes, load_episode, load_meta
 
@@ -55,13 +55,14 @@ class EpisodeDataset:
     def model_fields(self) -> dict:
         """The config fields the data decides (embodiment, cameras, instruction)."""
         m = self.meta
+        task = TaskInfo.from_extra({k: m[k] for k in TaskInfo.KEYS}, source=str(self.data_dir / "meta.json"))
         return {
             "image_size": m["image_size"],
             "num_cameras": m["num_cameras"],
             "action_dim": m["action_dim"],
             "state_dim": m["state_dim"],
             "instructions": (m["instruction"],),
-            "extra": {k: m[k] for k in ("task", "env_id", "control_mode", "max_episode_steps", "state_keys")},
+            "extra": task.to_extra(),
         }
 
 

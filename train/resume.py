@@ -20,8 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from par_deploy.errors import ResumeError
-from par_deploy.files import atomic_path, atomic_write
-from par_deploy.runtime.bundle import sha256_file
+from par_deploy.files import atomic_path, atomic_write, sha256_file
 
 TENSORS_FILE, META_FILE, LEGACY_FILE = "state.safetensors", "state.json", "state.pt"
 FORMAT = "par-train-state"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from par_deploy.config import PARConfig
 from par_deploy.errors import ParError
 from par_deploy.eval.protocol import EvalError
 from par_deploy.runtime.policy import PolicySpec
@@ -33,20 +34,12 @@ class SourceInfo:
     control_mode: str | None  # the controller of its training actions (None: unknown)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> SourceInfo:
-        """From a model config dict (``config.json`` or a bundle manifest's ``config``)."""
-        extra = cfg.get("extra") or {}
-        spec = PolicySpec(
-            int(cfg["num_cameras"]),
-            int(cfg["image_size"]),
-            int(cfg["state_dim"]),
-            int(cfg["action_dim"]),
-            int(cfg["chunk_len"]),
-            int(cfg["max_blocks"]),
-            tuple(cfg["instructions"]),
-            cfg.get("overflow", "error"),
-        )
-        return cls(spec, extra.get("task"), extra.get("control_mode"))
+    def from_config(cls, cfg: dict[str, Any], source: str = "config") -> SourceInfo:
+        """From a model config dict (``config.json`` or a bundle manifest's ``config``); ``source`` names it in
+        errors."""
+        config = PARConfig.from_dict(cfg, source=source)
+        task = config.task_info
+        return cls(PolicySpec.from_config(config), task.task, task.control_mode)
 
 
 class PolicySource(ABC):
@@ -106,15 +99,15 @@ class CheckpointSource(PolicySource):
         return _read_json(path / "config.json")
 
     def info(self) -> SourceInfo:
-        return SourceInfo.from_config(self.config())
+        return SourceInfo.from_config(self.config(), source=str(Path(self.path) / "config.json"))
 
     def identity(self) -> dict[str, Any]:
-        from par_deploy.runtime.bundle import checkpoint_digest
+        from par_deploy.files import checkpoint_hash
 
         cfg = self.config()
         return {
             "kind": "checkpoint",
-            "checkpoint_hash": checkpoint_digest(self.path),
+            "checkpoint_hash": checkpoint_hash(self.path),
             "sampler": self.sampler or cfg["sampler"],
             "steps": int(self.steps or cfg["sample_steps"]),
         }
@@ -146,7 +139,7 @@ class EngineSource(PolicySource):
         return read_manifest(self.path)
 
     def info(self) -> SourceInfo:
-        return SourceInfo.from_config(self.manifest()["config"])
+        return SourceInfo.from_config(self.manifest()["config"], source=f"{Path(self.path) / 'manifest.json'}: config")
 
     def identity(self) -> dict[str, Any]:
         m = self.manifest()
@@ -219,13 +212,13 @@ def reference_for(engine: EngineSource, checkpoint: str | os.PathLike | None = N
 
     ``checkpoint`` defaults to the bundle's source checkpoint (``par_deploy.locate.source_checkpoint``); it must
     be the checkpoint the bundle was exported from (same sha256)."""
+    from par_deploy.files import checkpoint_hash
     from par_deploy.locate import source_checkpoint
-    from par_deploy.runtime.bundle import checkpoint_digest
 
     m = engine.manifest()
     try:
         checkpoint = checkpoint if checkpoint is not None else source_checkpoint(engine.path, m)
-        digest = checkpoint_digest(checkpoint)
+        digest = checkpoint_hash(checkpoint)
     except ParError as e:
         raise EvalError(str(e)) from None
     if digest != m["checkpoint_hash"]:

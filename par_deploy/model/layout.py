@@ -12,6 +12,8 @@ action tokens (L)]``. Rules, for a query q and a key k:
   actions; action token j sees all observation tokens of its block and actions 0..j of its block.
 - later blocks: never visible.
 
+Cache slots of this layout: ``PARConfig.block_slot`` (block n starts at ``K_t + n * Bl``).
+
 RoPE positions: text tokens sit at position 0 (identity rotation; they carry learned embeddings);
 observation tokens at the block index ``n`` with ``rope_theta_frame``; action token j at ``n * L + j``
 (the action rate is L times the frame rate) with ``rope_theta_action``.
@@ -86,8 +88,3 @@ def text_mask(cfg: PARConfig) -> torch.Tensor:
             "text_attention 'causal' only; run this model through PARModel.hidden (teacher-forced sequences)"
         )
     return torch.ones(cfg.num_text_tokens, cfg.num_text_tokens, dtype=torch.bool).tril()
-
-
-def block_slot(cfg: PARConfig, block: int) -> int:
-    """First cache slot of block ``block`` (the text prefix fills slots 0 .. K_t - 1)."""
-    return cfg.num_text_tokens + block * cfg.block_len

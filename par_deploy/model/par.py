@@ -23,7 +23,7 @@ from par_deploy.kernels.attention import cache_step_mask
 from par_deploy.kernels.cache import write_block_
 from par_deploy.model.detokenizers import ActionDiT, DiscreteActionHead, DiscreteFrameHead, FrameDetokenizer
 from par_deploy.model.diffusion import SamplerSchedule, TrainSchedule
-from par_deploy.model.layout import block_slot, intra_block_mask, sequence_mask, text_mask
+from par_deploy.model.layout import intra_block_mask, sequence_mask, text_mask
 from par_deploy.model.rope import BlockRope
 from par_deploy.model.tokenizers import (
     ActionTokenizer,
@@ -154,8 +154,7 @@ class PARModel(nn.Module):
     # inference: one block per control step against a static KV-cache
 
     def new_cache(self, batch: int = 1, device=None, dtype=torch.float32) -> KVCache:
-        c = self.cfg
-        shape = (c.depth, batch, c.heads, c.max_seq_len, c.dim // c.heads)
+        shape = self.cfg.cache_shape(batch)
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
     def step_delta(self, x: torch.Tensor, n: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
@@ -164,7 +163,7 @@ class PARModel(nn.Module):
         Returns hidden ``[B, Bl, D]``, new keys and values ``[layers, B, H, Bl, hd]`` for slots
         ``K_t + n*Bl ..``. The export unit (DESIGN §4: the host writes the delta into its buffer).
         """
-        start = self.cfg.num_text_tokens + n * self.cfg.block_len  # [1]
+        start = self.cfg.block_slot(n)  # [1]
         mask = cache_step_mask(start, cache_k.shape[3], self.intra_mask)  # [Bl, S + Bl]
         return self.transformer.step(x, self.rope.block(n), mask, cache_k, cache_v)
 
@@ -191,7 +190,7 @@ class PARModel(nn.Module):
             return x
         pos = torch.tensor([n], dtype=torch.int64, device=x.device)
         h, k, v = self.step_delta(x, pos, *cache)
-        start = pos * 0 + block_slot(self.cfg, n)
+        start = self.cfg.block_slot(pos)
         for buf, new in zip(cache, (k, v), strict=True):
             for i in range(buf.shape[0]):
                 write_block_(buf[i], new[i], start)

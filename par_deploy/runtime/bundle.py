@@ -19,9 +19,10 @@ Graphs (all shapes static, batch 1):
   (block index), ``cache_k``/``cache_v`` float32 ``[layers,1,H,S,hd]`` (read only) -> ``action_cond``
   ``[1,L,D]``, ``frame_hidden`` ``[1,K_o,D]``, ``new_k``/``new_v`` ``[layers,1,H,Bl,hd]``. The host writes
   ``new_k``/``new_v`` into its cache at slots ``K_t + pos * Bl ..``.
-- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,1,L,A]``, ``cond`` ``[1,L,D]`` -> ``actions``
-  ``[1,L,A]`` (the K denoiser calls unrolled, schedule constants baked in).
-- sampler, ``"loop"`` form: ``condition``: ``cond`` -> ``cond_k``/``cond_v``
+- sampler, ``"unrolled"`` form: ``sampler``: ``noise`` ``[K+1,1,L,A]``, ``action_cond`` ``[1,L,D]`` (the step's
+  output, one name end to end) -> ``actions`` ``[1,L,A]`` (the K denoiser calls unrolled, schedule constants
+  baked in).
+- sampler, ``"loop"`` form: ``condition``: ``action_cond`` -> ``cond_k``/``cond_v``
   ``[dit_depth,1,dit_heads,L,dit_hd]`` (cross-attention keys/values, once per control step) and
   ``denoise``: ``x`` ``[1,L,A]``, ``k`` int64 ``[1]`` (step index into the baked schedule), ``z`` ``[1,L,A]``,
   ``cond_k``, ``cond_v`` -> ``x_next`` ``[1,L,A]``, called K times by the runner.
@@ -29,7 +30,6 @@ Graphs (all shapes static, batch 1):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -39,13 +39,15 @@ from typing import Any
 import numpy as np
 
 from par_deploy.config import PARConfig
-from par_deploy.errors import ConfigError, ParError
-from par_deploy.files import atomic_write
+from par_deploy.errors import CheckpointError, ConfigError, ParError
+from par_deploy.files import atomic_write, checkpoint_hash, sha256_file
 from par_deploy.normalize import Normalizer
 from par_deploy.runtime.policy import PolicySpec
 
 BUNDLE_FORMAT = "par-deploy-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# Format 2: the sampler/condition graphs' input is ``action_cond`` (format 1 called it ``cond``); older formats
+# are refused with a re-export hint (bundles are build output).
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TEXT_PREFIX_FILE = "text_prefix.npz"
 BACKENDS = ("onnx", "torchscript", "tensorrt")
@@ -127,17 +129,12 @@ def cache_layout(cfg: PARConfig) -> dict[str, int]:
     }
 
 
-def cache_shape(cfg: PARConfig) -> tuple[int, ...]:
-    """``[layers, 1, heads, max_seq_len, head_dim]``: one static cache (keys or values) for batch 1."""
-    return (cfg.depth, 1, cfg.heads, cfg.max_seq_len, cfg.dim // cfg.heads)
-
-
 def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, GraphSpec]:
     """The signatures of every graph a bundle holds, derived from the config alone."""
     if sampler_graph not in SAMPLER_GRAPHS:
         raise ConfigError(f"sampler graph must be one of {SAMPLER_GRAPHS}, got {sampler_graph!r}")
     L, A, D, hd = cfg.chunk_len, cfg.action_dim, cfg.dim, cfg.dim // cfg.heads
-    cache = cache_shape(cfg)
+    cache = cfg.cache_shape()
     delta = (cfg.depth, 1, cfg.heads, cfg.block_len, hd)
     step_in = [TensorSpec("rgb", "uint8", (1, cfg.num_cameras, cfg.image_size, cfg.image_size, 3))]
     if cfg.state_dim:
@@ -156,7 +153,7 @@ def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, Gra
         TensorSpec("new_v", "float32", delta),
     )
     specs = {"step": GraphSpec("step", tuple(step_in), step_out)}
-    cond = TensorSpec("cond", "float32", (1, L, D))
+    cond = step_out[0]  # the sampler reads the step's action_cond
     x = TensorSpec("x", "float32", (1, L, A))
     if sampler_graph == "unrolled":
         specs["sampler"] = GraphSpec(
@@ -188,14 +185,6 @@ def tensorrt_profiles(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[tup
 # files and hashes
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (a reader never sees a half-written manifest)."""
     atomic_write(root / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
@@ -207,19 +196,6 @@ def file_entry(root: Path, path: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
     }
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 over a checkpoint's config, weights and statistics (the same value as
-    ``par_deploy.checkpoint.checkpoint_hash``, computed without importing torch)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "normalization.json"):
-        p = Path(path) / name
-        if not p.is_file():
-            raise BundleError(f"{p}: missing checkpoint file (cannot check which checkpoint a bundle was built from)")
-        h.update(name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,6 +283,12 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             f"{path}: bundle format_version {version} is newer than this par-deploy supports "
             f"({BUNDLE_FORMAT_VERSION}); upgrade par-deploy or re-export the bundle"
         )
+    if version < BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version} is older than this par-deploy reads ({BUNDLE_FORMAT_VERSION}: "
+            "graph I/O names changed); re-export the bundle from its checkpoint (par-deploy export CKPT --out DIR "
+            "--overwrite)"
+        )
     required = (
         "checkpoint_hash",
         "config",
@@ -353,7 +335,10 @@ def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: 
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{mpath}: invalid model config ({e})") from None
     if checkpoint is not None:
-        digest = checkpoint_digest(checkpoint)
+        try:
+            digest = checkpoint_hash(checkpoint)
+        except CheckpointError as e:
+            raise BundleError(f"{e}; cannot check which checkpoint the bundle {root} was built from") from None
         if digest != m["checkpoint_hash"]:
             raise BundleError(
                 f"{mpath}: bundle was exported from checkpoint {m['checkpoint_hash'][:12]}..., not from "

@@ -1,4 +1,4 @@
-"""What every bundle-backed policy shares: the verified bundle, the text prefix, the cache slot arithmetic."""
+"""What every bundle-backed policy shares: the verified bundle, the text prefix, the cache slots (``PARConfig``'s)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ class BundlePolicy(Policy):
     """A ``Policy`` running the graphs of a verified bundle.
 
     The static KV-cache ``[layers, 1, H, S, hd]`` is allocated once; ``reset`` zeroes it and copies the
-    instruction's precomputed text prefix into slots ``0 .. K_t-1``; block ``n`` goes to slots
-    ``K_t + n*Bl .. K_t + (n+1)*Bl - 1``. Episodes longer than ``max_blocks`` raise ``CacheFullError``
-    (the manifest's overflow policy ``"error"``, enforced by ``Policy.act``).
+    instruction's precomputed text prefix into slots ``0 .. K_t-1``; block ``n`` goes to slots from
+    ``PARConfig.block_slot(n)`` = ``K_t + n*Bl`` (the bundle's config, checked against the manifest's cache sizes).
+    Episodes longer than ``max_blocks`` raise ``CacheFullError`` (the manifest's overflow policy ``"error"``,
+    enforced by ``Policy.act``).
     """
 
     backend: str = ""
@@ -24,8 +25,7 @@ class BundlePolicy(Policy):
     def __init__(self, bundle: Bundle, seed: int = 0):
         super().__init__(bundle.spec, bundle.normalizer, seed)
         self.bundle = bundle
-        cache = bundle.manifest["cache"]
-        self.text_slots, self.block_len = int(cache["text_slots"]), int(cache["block_len"])
+        self.text_slots, self.block_len = bundle.config.num_text_tokens, bundle.config.block_len
         self._prefix_k, self._prefix_v = bundle.text_prefix()
         self._instructions = list(bundle.config.instructions)
 
@@ -38,8 +38,8 @@ class BundlePolicy(Policy):
         return self.bundle.sampler_graph
 
     def slot(self, step: int) -> int:
-        """First cache slot of block ``step``."""
-        return self.text_slots + step * self.block_len
+        """First cache slot of block ``step`` (``PARConfig.block_slot``)."""
+        return self.bundle.config.block_slot(step)
 
     def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""

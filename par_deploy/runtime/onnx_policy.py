@@ -6,7 +6,7 @@ copied whole:
 
 - the step graph reads the cache buffers in place and writes only the new block's keys/values; the host
   copies that delta into the cache at the block's slots (DESIGN §4: the fastest CPU path measured);
-- the step graph's ``action_cond`` buffer is bound directly as the sampler's ``cond`` input;
+- the step graph's ``action_cond`` output buffer is bound directly as the sampler's ``action_cond`` input;
 - in the loop form, ``condition`` writes ``cond_k``/``cond_v`` buffers that ``denoise`` reads, and ``x`` /
   ``x_next`` ping-pong between two buffers (two bindings).
 """
@@ -27,7 +27,6 @@ _ORT_TYPES = {
     "tensor(int32)": "int32",
 }
 ONNX_PRECISIONS = ("fp32", "int8")  # int8: dynamically quantized MatMul weights, fp32 graph inputs/outputs
-_ALIASES = {"cond": "action_cond"}  # sampler/condition input ``cond`` is the step's ``action_cond`` buffer
 
 
 def _import_ort():
@@ -111,9 +110,8 @@ class OnnxPolicy(BundlePolicy):
         self._values: dict[str, object] = {}
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
-                key = _ALIASES.get(t.name, t.name)
-                if key not in self.buffers and key != "x_next":  # x_next: bound to x / x_alt below
-                    self._add_buffer(key, t)
+                if t.name not in self.buffers and t.name != "x_next":  # x_next: bound to x / x_alt below
+                    self._add_buffer(t.name, t)
         if bundle.sampler_graph == "loop":
             self._add_buffer("x_alt", bundle.graphs["denoise"].tensor("x"))
 
@@ -137,7 +135,7 @@ class OnnxPolicy(BundlePolicy):
         spec = self.bundle.graphs[graph]
         io = sess.io_binding()
         for t in spec.inputs:
-            io.bind_ortvalue_input(t.name, self._values[rename.get(t.name, _ALIASES.get(t.name, t.name))])
+            io.bind_ortvalue_input(t.name, self._values[rename.get(t.name, t.name)])
         for t in spec.outputs:
             io.bind_ortvalue_output(t.name, self._values[rename.get(t.name, t.name)])
         return sess, io

@@ -16,7 +16,6 @@ import numpy as np
 from par_deploy.runtime.bundle import BackendUnavailable, Bundle, BundleError, TensorSpec, check_io
 from par_deploy.runtime.bundle_policy import BundlePolicy
 
-_ALIASES = {"cond": "action_cond"}
 _HOST_IO = ("rgb", "state", "prev_actions", "first", "pos", "action_cond", "frame_hidden", "actions")
 
 
@@ -103,8 +102,8 @@ class TensorRTPolicy(BundlePolicy):
         self.host = {}
         for spec in bundle.graphs.values():
             for t in spec.inputs + spec.outputs:
-                key = _ALIASES.get(t.name, t.name)
-                if key in self._ptrs or key in ("x", "x_next", "z", "k", "noise"):  # set per call, see _act
+                key = t.name
+                if key in self._ptrs or key in ("x", "x_next", "z", "k", "noise"):  # set per call, see sample
                     continue
                 buf = np.zeros(t.shape, np.dtype(t.dtype))
                 if key in _HOST_IO:
@@ -122,9 +121,8 @@ class TensorRTPolicy(BundlePolicy):
         for name, spec in bundle.graphs.items():
             ctx = self.contexts[name]
             for t in spec.inputs + spec.outputs:
-                key = _ALIASES.get(t.name, t.name)
-                if key in self._ptrs:
-                    ctx.set_tensor_address(t.name, self._ptrs[key])
+                if t.name in self._ptrs:
+                    ctx.set_tensor_address(t.name, self._ptrs[t.name])
         c = bundle.manifest["cache"]
         self._row_slots, self._head_dim, self._rows = (
             int(c["max_slots"]),

@@ -98,7 +98,7 @@ class TorchScriptPolicy(BundlePolicy):
             b["first"][0] = bool(first)
             b["pos"][0] = step
             cond, frame_hidden, new_k, new_v = self._call("step")
-            b["action_cond"], b["frame_hidden"], b["cond"] = cond, frame_hidden, cond
+            b["action_cond"], b["frame_hidden"] = cond, frame_hidden
             s = self.slot(step)  # Policy.act guarantees step < max_blocks, so the block fits
             b["cache_k"][:, :, :, s : s + self.block_len] = new_k
             b["cache_v"][:, :, :, s : s + self.block_len] = new_v

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from par_deploy.errors import ParError
-from par_deploy.runtime.bundle import MANIFEST_FILE, open_bundle, sha256_file
+from par_deploy.files import sha256_file
+from par_deploy.runtime.bundle import MANIFEST_FILE, open_bundle
 from par_deploy.serve import protocol
 
 if TYPE_CHECKING:
@@ -120,8 +121,8 @@ def describe_bundle(bundle_dir: str | Path, backend: str) -> dict[str, Any]:
         "precision": bundle.precision,
         "sampler": bundle.manifest["sampler"]["kind"],
         # what the policy was trained for (evaluation checks the task and the controller against these)
-        "task": bundle.config.extra.get("task"),
-        "control_mode": bundle.config.extra.get("control_mode"),
+        "task": bundle.config.task_info.task,
+        "control_mode": bundle.config.task_info.control_mode,
     }
 
 
