@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from par_deploy.export.parity import parity_report
 from par_deploy.export.precision import INT8_GRAPHS, INT8_METHOD, check_precision, quantize_int8
 from par_deploy.export.torchscript_export import export_torchscript
 from par_deploy.locate import portable_path
+from par_deploy.model.diffusion import SamplerSchedule
 from par_deploy.model.par import PARModel
 from par_deploy.runtime import load
 from par_deploy.runtime.bundle import (
@@ -33,9 +36,11 @@ from par_deploy.runtime.bundle import (
     SAMPLER_GRAPHS,
     TEXT_PREFIX_FILE,
     UNROLL_MAX_STEPS,
+    GraphSpec,
     cache_layout,
     file_entry,
     graph_specs,
+    text_prefix_shape,
     write_manifest,
 )
 from par_deploy.runtime.bundle_policy import BundlePolicy
@@ -171,124 +176,34 @@ def export_bundle(
     t_start = time.perf_counter()
     root = Path(out_dir)
     seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model, normalizer = from_pretrained(checkpoint_dir)
-    check_exportable(model)
-    cfg = model.cfg
-    if denoise_steps > cfg.train_timesteps:
-        raise ConfigError(
-            f"denoise_steps={denoise_steps} exceeds the checkpoint's train_timesteps={cfg.train_timesteps}"
-        )
-    ckpt_hash = checkpoint_hash(checkpoint_dir)
-    seconds["load"] = time.perf_counter() - t0
+    with _timed(seconds, "load"):
+        model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps)
     _prepare_dir(root, overwrite)
-    if sampler_graph == "auto":
-        sampler_graph = "unrolled" if denoise_steps <= UNROLL_MAX_STEPS else "loop"
+    sampler_graph = _sampler_graph(sampler_graph, denoise_steps)
     schedule = model.sampler(sampler, denoise_steps)
-    specs = graph_specs(cfg, denoise_steps, sampler_graph)
+    specs = graph_specs(model.cfg, denoise_steps, sampler_graph)
     modules = build_graphs(model, schedule, sampler_graph)
     _log(
         progress,
         f"exporting {checkpoint_dir} -> {root}: {', '.join(backends)}, {sampler} K={denoise_steps} "
         f"({sampler_graph}), {precision}",
     )
-
-    t0 = time.perf_counter()
-    k, v = text_prefix(model)
-    np.savez(root / TEXT_PREFIX_FILE, k=k, v=v)
-    seconds["text_prefix"] = time.perf_counter() - t0
-
-    position = min(1, cfg.max_blocks - 1)
-    engines: dict[str, dict[str, Any]] = {}
-    onnx_backends = [b for b in ("onnx", "tensorrt") if b in backends]
-    if onnx_backends:
-        t0 = time.perf_counter()
-        engines["onnx"] = {}
-        for name, spec in specs.items():
-            files = export_onnx(
-                modules[name],
-                spec,
-                example_inputs(spec, 0, position),
-                root / "onnx" / f"{name}.onnx",
-                onnx_exporter,
-                opset,
-            )
-            engines["onnx"][name] = _onnx_entry(root, name, files, precision)
-            _log(
-                progress,
-                f"  onnx {name} ({engines['onnx'][name]['precision']}): {engines['onnx'][name]['bytes'] / 1e6:.2f} MB",
-            )
-        seconds["onnx"] = time.perf_counter() - t0
-    if "torchscript" in backends:
-        t0 = time.perf_counter()
-        engines["torchscript"] = {}
-        other = min(cfg.max_blocks - 1, position + 2)
-        for name, spec in specs.items():
-            files = export_torchscript(
-                modules[name],
-                spec,
-                example_inputs(spec, 0, position),
-                example_inputs(spec, 1, other, denoise_steps - 1),
-                root / "torchscript" / f"{name}.pt",
-            )
-            engines["torchscript"][name] = {
-                **file_entry(root, files[0]),
-                "precision": "fp32",
-                "external_data": [],
-            }
-            _log(progress, f"  torchscript {name}: {engines['torchscript'][name]['bytes'] / 1e6:.2f} MB")
-        seconds["torchscript"] = time.perf_counter() - t0
-
-    manifest = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "par_deploy_version": par_deploy.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "checkpoint_hash": ckpt_hash,
-        "source_checkpoint": portable_path(checkpoint_dir),  # relative to the working directory
-        "config": cfg.to_dict(),
-        "precision": precision,
-        "quantization": INT8_METHOD if precision == "int8" else None,
-        "backends": sorted(b for b in backends if b != "tensorrt"),
-        "sampler": {
-            "kind": sampler,
-            "steps": denoise_steps,
-            "graph": sampler_graph,
-            "clip": 1.0,
-            "timesteps": schedule.timesteps.tolist(),
-            "coeffs": schedule.coeffs.tolist(),
-            "coeffs_layout": ["sqrt_recip_a_t", "sqrt_recip_a_t_minus_1", "coef_x0", "coef_xt", "sigma"],
-        },
-        "cache": {**cache_layout(cfg), "overflow": cfg.overflow},
-        "graphs": {name: spec.to_dict() for name, spec in specs.items()},
-        "engines": engines,
-        "onnx": {"exporter": onnx_exporter, "opset": opset, "torch": torch.__version__} if onnx_backends else None,
-        "text_prefix": {
-            **file_entry(root, root / TEXT_PREFIX_FILE),
-            "instructions": list(cfg.instructions),
-            "shape": list(k.shape),
-        },
-        "normalization": normalizer.to_dict(),
-        "parity": {},
-        "export_seconds": seconds,
-    }
+    with _timed(seconds, "text_prefix"):
+        k, v = text_prefix(model)
+        np.savez(root / TEXT_PREFIX_FILE, k=k, v=v)
+    job = _Job(root, specs, modules, model.cfg.max_blocks, sampler, schedule, precision, onnx_exporter, opset, progress)
+    engines = _export_engines(job, backends, seconds)
+    manifest = _manifest(job, model, normalizer, ckpt_hash, checkpoint_dir, backends, engines)
+    manifest["export_seconds"] = seconds
     write_manifest(root, manifest)
     if "tensorrt" in backends:
         from par_deploy.export.tensorrt import build_engines
 
-        t0 = time.perf_counter()
-        build_engines(root, precision, progress=progress)
-        seconds["tensorrt"] = time.perf_counter() - t0
+        with _timed(seconds, "tensorrt"):
+            build_engines(root, precision, progress=progress)
         manifest = json.loads((root / MANIFEST_FILE).read_text())
-
-    t0 = time.perf_counter()
-    parity = {}
-    for backend in backends:
-        # one ORT thread; None for TorchScript: torch.set_num_threads would change this process's setting
-        policy = load(root, backend, threads=1 if backend == "onnx" else None)
-        parity[backend] = parity_report(model, normalizer, policy, parity_steps, precision=precision)
-        _close(policy)
-    seconds["parity"] = time.perf_counter() - t0
+    with _timed(seconds, "parity"):
+        parity = _parity(root, backends, model, normalizer, parity_steps, precision)
     seconds["total"] = time.perf_counter() - t_start
     manifest["parity"] = parity
     manifest["export_seconds"] = seconds
@@ -296,16 +211,7 @@ def export_bundle(
 
     sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
     report = ExportReport(
-        root,
-        tuple(backends),
-        precision,
-        sampler,
-        denoise_steps,
-        sampler_graph,
-        onnx_exporter,
-        seconds,
-        sizes,
-        parity,
+        root, tuple(backends), precision, sampler, denoise_steps, sampler_graph, onnx_exporter, seconds, sizes, parity
     )
     _log(progress, report.summary())
     failed = {b: p for b, p in parity.items() if not p["passed"]}
@@ -315,6 +221,149 @@ def export_bundle(
             "do not deploy it"
         )
     return report
+
+
+def _sampler_graph(requested: str, denoise_steps: int) -> str:
+    """``"auto"``: the K steps unrolled in one graph up to ``UNROLL_MAX_STEPS``, else the loop form."""
+    if requested != "auto":
+        return requested
+    return "unrolled" if denoise_steps <= UNROLL_MAX_STEPS else "loop"
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Record the block's wall time in ``seconds[key]``."""
+    t0 = time.perf_counter()
+    yield
+    seconds[key] = time.perf_counter() - t0
+
+
+def _load_checkpoint(checkpoint_dir: str | Path, denoise_steps: int):
+    """(model, normalizer, checkpoint hash) of an exportable checkpoint."""
+    model, normalizer = from_pretrained(checkpoint_dir)
+    check_exportable(model)
+    if denoise_steps > model.cfg.train_timesteps:
+        raise ConfigError(
+            f"denoise_steps={denoise_steps} exceeds the checkpoint's train_timesteps={model.cfg.train_timesteps}"
+        )
+    return model, normalizer, checkpoint_hash(checkpoint_dir)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the engine exporters of one bundle share."""
+
+    root: Path
+    specs: dict[str, GraphSpec]
+    modules: dict[str, torch.nn.Module]
+    max_blocks: int
+    sampler: str
+    schedule: SamplerSchedule
+    precision: str
+    onnx_exporter: str
+    opset: int
+    progress: bool
+
+    @property
+    def denoise_steps(self) -> int:
+        return self.schedule.steps
+
+    @property
+    def sampler_graph(self) -> str:
+        return "unrolled" if "sampler" in self.specs else "loop"
+
+
+def _export_engines(job: _Job, backends: tuple[str, ...], seconds: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """The ONNX graphs (also for TensorRT, built from them later) and the TorchScript modules: manifest entries."""
+    position = min(1, job.max_blocks - 1)  # example block index (traced positions are tensors)
+    engines: dict[str, dict[str, Any]] = {}
+    if any(b in backends for b in ("onnx", "tensorrt")):
+        with _timed(seconds, "onnx"):
+            engines["onnx"] = {name: _export_onnx_graph(job, name, position) for name in job.specs}
+    if "torchscript" in backends:
+        with _timed(seconds, "torchscript"):
+            other = min(job.max_blocks - 1, position + 2)
+            engines["torchscript"] = {name: _export_torchscript_graph(job, name, position, other) for name in job.specs}
+    return engines
+
+
+def _export_onnx_graph(job: _Job, name: str, position: int) -> dict[str, Any]:
+    spec = job.specs[name]
+    files = export_onnx(
+        job.modules[name],
+        spec,
+        example_inputs(spec, 0, position),
+        job.root / "onnx" / f"{name}.onnx",
+        job.onnx_exporter,
+        job.opset,
+    )
+    entry = _onnx_entry(job.root, name, files, job.precision)
+    _log(job.progress, f"  onnx {name} ({entry['precision']}): {entry['bytes'] / 1e6:.2f} MB")
+    return entry
+
+
+def _export_torchscript_graph(job: _Job, name: str, position: int, other: int) -> dict[str, Any]:
+    spec = job.specs[name]
+    files = export_torchscript(
+        job.modules[name],
+        spec,
+        example_inputs(spec, 0, position),
+        example_inputs(spec, 1, other, job.denoise_steps - 1),
+        job.root / "torchscript" / f"{name}.pt",
+    )
+    entry = {**file_entry(job.root, files[0]), "precision": "fp32", "external_data": []}
+    _log(job.progress, f"  torchscript {name}: {entry['bytes'] / 1e6:.2f} MB")
+    return entry
+
+
+def _manifest(job: _Job, model, normalizer, ckpt_hash, checkpoint_dir, backends, engines) -> dict:
+    """The manifest before TensorRT and parity (``parity`` and ``export_seconds`` are filled in afterwards)."""
+    cfg, root = model.cfg, job.root
+    has_onnx = "onnx" in engines
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "par_deploy_version": par_deploy.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint_hash": ckpt_hash,
+        "source_checkpoint": portable_path(checkpoint_dir),  # relative to the working directory
+        "config": cfg.to_dict(),
+        "precision": job.precision,
+        "quantization": INT8_METHOD if job.precision == "int8" else None,
+        "backends": sorted(b for b in backends if b != "tensorrt"),
+        "sampler": {
+            "kind": job.sampler,
+            "steps": job.denoise_steps,
+            "graph": job.sampler_graph,
+            "clip": 1.0,
+            "timesteps": job.schedule.timesteps.tolist(),
+            "coeffs": job.schedule.coeffs.tolist(),
+            "coeffs_layout": ["sqrt_recip_a_t", "sqrt_recip_a_t_minus_1", "coef_x0", "coef_xt", "sigma"],
+        },
+        "cache": {**cache_layout(cfg), "overflow": cfg.overflow},
+        "graphs": {name: spec.to_dict() for name, spec in job.specs.items()},
+        "engines": engines,
+        "onnx": {"exporter": job.onnx_exporter, "opset": job.opset, "torch": torch.__version__} if has_onnx else None,
+        "text_prefix": {
+            **file_entry(root, root / TEXT_PREFIX_FILE),
+            "instructions": list(cfg.instructions),
+            "shape": list(text_prefix_shape(cfg)),
+        },
+        "normalization": normalizer.to_dict(),
+        "parity": {},
+        "export_seconds": {},
+    }
+
+
+def _parity(root: Path, backends, model, normalizer, steps: int, precision: str) -> dict[str, dict[str, Any]]:
+    """Every backend loaded from the bundle and compared with the PyTorch reference (``parity_report``)."""
+    parity = {}
+    for backend in backends:
+        # one ORT thread; None for TorchScript: torch.set_num_threads would change this process's setting
+        policy = load(root, backend, threads=1 if backend == "onnx" else None)
+        parity[backend] = parity_report(model, normalizer, policy, steps, precision=precision)
+        _close(policy)
+    return parity
 
 
 def _onnx_entry(root: Path, name: str, files: list[Path], precision: str) -> dict[str, Any]:

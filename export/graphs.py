@@ -2,7 +2,8 @@
 
 Each module's ``forward`` takes exactly the inputs of its ``GraphSpec`` (``par_deploy.runtime.bundle``), in
 order, and returns its outputs, in order. Nothing is updated in place (exporters silently drop in-place
-input updates: DESIGN §4), positions are tensors (a Python int taken from a position is baked in by tracing).
+input updates: docs/design-notes.md §3), positions are tensors (a Python int taken from a position is baked in
+by tracing).
 """
 
 from __future__ import annotations

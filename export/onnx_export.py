@@ -1,4 +1,5 @@
-"""ONNX export of the graph modules, with the checks that catch the silent export failures of DESIGN §4."""
+"""ONNX export of the graph modules, with the checks that catch the silent export failures (docs/design-notes.md
+§3)."""
 
 from __future__ import annotations
 

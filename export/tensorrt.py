@@ -1,4 +1,4 @@
-"""TensorRT engines from a bundle's ONNX graphs (the ONNX is the engine's source of truth: DESIGN §2, §4).
+"""TensorRT engines from a bundle's ONNX graphs (the ONNX is the engine's source of truth: docs/design-notes.md §2, §3).
 
 ``check_onnx_for_tensorrt`` verifies, without TensorRT, what the ONNX parser will consume: opset range,
 every op in the parser's support list, all-static input shapes, uint8 inputs only cast (TensorRT accepts
@@ -9,7 +9,7 @@ bundle's fp32 graph: the ONNX Runtime int8 graphs of an int8 bundle use MatMulIn
 parse) and serialises it to ``tensorrt/<graph>.plan``, recording it in the manifest. Engines are specific to a GPU
 and a TensorRT version, so build them on the deployment machine:
 ``python -m par_deploy.export.tensorrt BUNDLE [--precision fp16|int8]``. None of this can run on a machine
-without CUDA and TensorRT (DESIGN §2): only the ONNX it consumes is tested there.
+without CUDA and TensorRT (docs/design-notes.md §2): only the ONNX it consumes is tested there.
 """
 
 from __future__ import annotations

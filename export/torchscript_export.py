@@ -28,10 +28,10 @@ def export_torchscript(
 ) -> list[Path]:
     """Trace ``module`` on ``args`` and save it to ``path``.
 
-    Tracing records one execution: anything data-dependent that is not a tensor op is baked in (DESIGN §4).
-    The traced module is therefore re-checked against the eager module on ``check_args`` (other positions and
-    values); a difference above 1e-4 raises ``ExportError``. ``freeze`` inlines weights as constants
-    (``torch.jit.freeze``), which lets TorchScript fold them.
+    Tracing records one execution: anything data-dependent that is not a tensor op is baked in
+    (docs/design-notes.md §3). The traced module is therefore re-checked against the eager module on
+    ``check_args`` (other positions and values); a difference above 1e-4 raises ``ExportError``. ``freeze``
+    inlines weights as constants (``torch.jit.freeze``), which lets TorchScript fold them.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():

@@ -56,7 +56,7 @@ def render_predictions(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from par_deploy.train.demos import list_episodes, load_episode, load_meta
+    from par_deploy.train.demo_format import list_episodes, load_episode, load_meta
 
     paths = list_episodes(data_dir)
     if not 0 <= episode < len(paths):

@@ -74,21 +74,7 @@ def write_synthetic_demos(
 
     out = Path(out_dir)
     (out / "episodes").mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": "par-demos",
-        "version": 1,
-        "task": "Synthetic",
-        "env_id": "Synthetic-v0",
-        "control_mode": "pd_ee_delta_pos",
-        "image_size": image_size,
-        "num_cameras": 1,
-        "camera_names": ["base"],
-        "state_keys": [["pos", state_dim]],
-        "state_dim": state_dim,
-        "action_dim": action_dim,
-        "instruction": "move the square",
-        "max_episode_steps": max_episode_steps,
-    }
+    meta = synthetic_meta(image_size, state_dim, action_dim, "move the square", max_episode_steps)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     rng = np.random.default_rng(seed)
     side = max(2, image_size // 4)
@@ -113,6 +99,23 @@ def write_synthetic_demos(
             seed=np.int64(i),
         )
     return out
+
+
+def synthetic_meta(image_size: int, state_dim: int, action_dim: int, instruction: str, max_episode_steps: int) -> dict:
+    """``meta.json`` of a synthetic dataset (one camera, task ``Synthetic``)."""
+    from par_deploy.train.demo_format import make_meta
+
+    return make_meta(
+        task="Synthetic",
+        env_id="Synthetic-v0",
+        control_mode="pd_ee_delta_pos",
+        image_size=image_size,
+        camera_names=["base"],
+        state_keys=[("pos", state_dim)],
+        action_dim=action_dim,
+        instruction=instruction,
+        max_episode_steps=max_episode_steps,
+    )
 
 
 def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Thread counts from the free cores (DESIGN §7: on 2 shared cores, 2 torch threads next to a busy process
+"""Thread counts from the free cores (docs/design-notes.md §5: on 2 shared cores, 2 torch threads next to a busy process
 ran ~25x slower than 1). ``PAR_THREADS`` overrides the estimate."""
 
 from __future__ import annotations

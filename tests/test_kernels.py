@@ -26,7 +26,7 @@ def test_cache_write_matches_slicing():
 
 
 def test_cache_write_position_is_not_baked_by_tracing():
-    """DESIGN §4: slicing with a Python int is baked in by jit.trace; the tensor position must not be."""
+    """docs/design-notes.md §3: slicing with a Python int is baked in by jit.trace; the tensor position must not be."""
     cache, new = torch.zeros(1, 1, 10, 2), torch.ones(1, 1, 2, 2)
     traced = torch.jit.trace(write_block, (cache, new, torch.tensor([0])))
     out = traced(cache, new, torch.tensor([5]))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from par_deploy.sim.env import TASKS, downsample_rgb
-from par_deploy.train.demos import generate_demos, list_episodes, load_episode, load_meta
+from par_deploy.train.demo_format import list_episodes, load_episode, load_meta
+from par_deploy.train.demos import generate_demos
 
 sim = pytest.mark.sim
 

@@ -1,5 +1,5 @@
-"""Spec tests: the paper's definitions (par-paper.md §4, DESIGN §1, README "The model") with expected values
-computed by hand for a tiny config, never by calling the code under test to produce them.
+"""Spec tests: the paper's definitions (par-paper.md §4, docs/design-notes.md §1, README "The model") with expected
+values computed by hand for a tiny config, never by calling the code under test to produce them.
 
 A bug that changes training and inference alike (a RoPE base, a lost position offset) is invisible to parity
 and train/serve tests; these pin the definitions themselves.

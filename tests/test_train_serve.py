@@ -32,7 +32,7 @@ from par_deploy.errors import InputError
 from par_deploy.export import export_bundle
 from par_deploy.model.par import PARModel
 from par_deploy.reference import TorchPolicy
-from par_deploy.synthetic import randomize_
+from par_deploy.synthetic import randomize_, synthetic_meta
 from par_deploy.train.dataset import EpisodeDataset, collate, episode_blocks
 
 torch.set_num_threads(1)
@@ -46,21 +46,7 @@ def _write_demos(root) -> list[dict[str, np.ndarray]]:
     """Two episodes in controller units: actions with per-dimension offsets and scales and a constant
     (gripper-like) dimension; state with large offsets and a constant dimension."""
     (root / "episodes").mkdir(parents=True)
-    meta = {
-        "format": "par-demos",
-        "version": 1,
-        "task": "Synthetic",
-        "env_id": "Synthetic-v0",
-        "control_mode": "pd_ee_delta_pos",
-        "image_size": 16,
-        "num_cameras": 1,
-        "camera_names": ["base"],
-        "state_keys": [["pos", 3]],
-        "state_dim": 3,
-        "action_dim": 4,
-        "instruction": INSTRUCTION,
-        "max_episode_steps": 20,
-    }
+    meta = synthetic_meta(image_size=16, state_dim=3, action_dim=4, instruction=INSTRUCTION, max_episode_steps=20)
     (root / "meta.json").write_text(json.dumps(meta))
     rng = np.random.default_rng(0)
     episodes = []

@@ -18,7 +18,7 @@ import torch
 
 from par_deploy.config import PARConfig, TaskInfo
 from par_deploy.normalize import Normalizer
-from par_deploy.train.demos import list_episodes, load_episode, load_meta
+from par_deploy.train.demo_format import list_episodes, load_episode, load_meta
 
 
 @dataclass

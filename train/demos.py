@@ -14,21 +14,7 @@ Pipeline, per episode (``generate_demos``):
 Episode ``i`` uses seed ``seed + i``; if planning or conversion fails it retries with ``seed + i + k * 10**6``
 (k = 1, 2, ...), so seeds never collide between episodes, runs with a different ``n``, or workers.
 
-Dataset format (version 1)::
-
-    <out_dir>/meta.json
-        {"format": "par-demos", "version": 1, "task": "PushCube", "env_id": "PushCube-v1",
-         "control_mode": "pd_ee_delta_pos", "image_size": 64, "num_cameras": V, "camera_names": [...],
-         "state_keys": [[name, dim], ...], "state_dim": S, "action_dim": A, "instruction": "...",
-         "max_episode_steps": 100}
-    <out_dir>/episodes/ep_{index:06d}.npz   (np.savez_compressed)
-        rgb      uint8   [T+1, V, H, W, 3]  observation before each action, plus the final one
-        state    float32 [T+1, S]           state_keys concatenated (see par_deploy.sim.env)
-        actions  float32 [T, A]             exactly what was sent to ParEnv.step, in control_mode
-        success  bool    []                 always True for kept episodes
-        seed     int64   []                 ParEnv.reset(seed) reproduces the initial state
-
-``max_episode_steps`` is the evaluation horizon of the task; demonstrations are not cut to it.
+Dataset format: ``train/demo_format.py`` (``meta.json`` + one ``.npz`` per episode).
 
 Resuming: an episode file is written to a temporary name and moved into place (``os.replace``), so a file that
 exists is complete; a new run skips the indices whose files exist. One run per ``out_dir`` at a time.
@@ -38,13 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import multiprocessing as mp
 import os
 import queue
 import time
 import traceback
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from par_deploy.errors import ConfigError, InputError
-from par_deploy.files import atomic_path, atomic_write
+from par_deploy.errors import ConfigError
+from par_deploy.train.demo_format import episode_path, make_meta, save_episode, write_or_check_meta
 
-FORMAT = "par-demos"
-VERSION = 1
 SEED_STRIDE = 10**6  # retry k of episode i uses seed + i + k * SEED_STRIDE
 PLANNERS = {"PushCube-v1": "solvePushCube", "PickCube-v1": "solvePickCube", "StackCube-v1": "solveStackCube"}
 # Control modes ManiSkill's converter reaches from the planner's pd_joint_pos (pd_joint_pos: no conversion).
@@ -107,124 +89,19 @@ class DemoSummary:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def load_meta(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``<out_dir>/meta.json``."""
-    path = Path(out_dir) / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read dataset metadata ({e})") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise InputError(
-            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-            f"expected {FORMAT!r} version {VERSION}"
-        )
-    return meta
-
-
-def list_episodes(out_dir: str | os.PathLike) -> list[Path]:
-    """The episode files of a dataset, sorted by index."""
-    return sorted((Path(out_dir) / "episodes").glob("ep_*.npz"))
-
-
-def load_episode(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Read one episode and check its arrays (and, with ``meta``, their sizes); raise ``InputError``
-    (a ``ValueError``) naming the file and the problem."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ep = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: cannot read episode ({e})") from e
-
-    def bad(msg: str) -> InputError:
-        return InputError(f"{path}: {msg}")
-
-    expected = {
-        "rgb": np.uint8,
-        "state": np.float32,
-        "actions": np.float32,
-        "success": np.bool_,
-        "seed": np.int64,
-    }
-    missing = sorted(set(expected) - set(ep))
-    if missing:
-        raise bad(f"missing arrays {missing} (has {sorted(ep)})")
-    for k, dtype in expected.items():
-        if ep[k].dtype != dtype:
-            raise bad(f"{k} has dtype {ep[k].dtype}, expected {np.dtype(dtype)}")
-    rgb, state, actions = ep["rgb"], ep["state"], ep["actions"]
-    if rgb.ndim != 5 or rgb.shape[-1] != 3:
-        raise bad(f"rgb has shape {rgb.shape}, expected [T+1, V, H, W, 3]")
-    if state.ndim != 2 or actions.ndim != 2:
-        raise bad(f"state {state.shape} and actions {actions.shape} must be 2-D")
-    t = actions.shape[0]
-    if t < 1 or rgb.shape[0] != t + 1 or state.shape[0] != t + 1:
-        raise bad(f"lengths disagree: rgb {rgb.shape[0]}, state {state.shape[0]}, actions {t} (need T+1, T+1, T >= 1)")
-    if ep["success"].shape != () or ep["seed"].shape != ():
-        raise bad("success and seed must be scalars")
-    if not (np.isfinite(state).all() and np.isfinite(actions).all()):
-        raise bad("state or actions contain non-finite values")
-    if meta is not None:
-        size = meta["image_size"]
-        want = {
-            "rgb": (meta["num_cameras"], size, size, 3),
-            "state": (meta["state_dim"],),
-            "actions": (meta["action_dim"],),
-        }
-        for k, shape in want.items():
-            if ep[k].shape[1:] != shape:
-                raise bad(f"{k} has per-step shape {ep[k].shape[1:]}, meta.json says {shape}")
-    return ep
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def _episode_path(out_dir: Path, index: int) -> Path:
-    return out_dir / "episodes" / f"ep_{index:06d}.npz"
-
-
-def _save_episode(path: Path, ep: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
-        np.savez_compressed(f, **ep)
-
-
 def _build_meta(env, task: str) -> dict[str, Any]:
-    spec = env.spec
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "task": task,
-        "env_id": spec.env_id,
-        "control_mode": env.control_mode,
-        "image_size": env.image_size,
-        "num_cameras": env.num_cameras,
-        "camera_names": list(spec.cameras),
-        "state_keys": [[k, d] for k, d in spec.state_keys],
-        "state_dim": env.state_dim,
-        "action_dim": env.action_dim,
-        "instruction": spec.instruction,
-        "max_episode_steps": spec.max_episode_steps,
-    }
-
-
-def _write_or_check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
-    path = out_dir / "meta.json"
-    if path.exists():
-        old = load_meta(out_dir)
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        if diff:
-            details = ", ".join(f"{k}: {old.get(k)!r} on disk vs {meta.get(k)!r}" for k in diff)
-            raise ConfigError(f"{path} was written with different settings ({details}); use another out_dir")
-        return
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(path, text)
+    spec = env.spec  # ParEnv's cameras and state are its spec's: num_cameras and state_dim follow
+    return make_meta(
+        task=task,
+        env_id=spec.env_id,
+        control_mode=env.control_mode,
+        image_size=env.image_size,
+        camera_names=list(spec.cameras),
+        state_keys=spec.state_keys,
+        action_dim=env.action_dim,
+        instruction=spec.instruction,
+        max_episode_steps=spec.max_episode_steps,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +212,7 @@ def _generate(
     spec = TASKS[task]
     solve = getattr(solutions, PLANNERS[spec.env_id])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one simulator per core; tiny tensors (DESIGN §5: +25%)
+    torch.set_num_threads(1)  # one simulator per core; tiny tensors (docs/design-notes.md §4: +25%)
     planner_env = make_maniskill_env(
         spec.env_id, obs_mode="none", control_mode="pd_joint_pos", max_episode_steps=_LONG_HORIZON
     )
@@ -351,7 +228,7 @@ def _generate(
                 if actions is not None:
                     ep = _convert(actions, planner_env, env, control_mode, ep_seed)
                     if ep["success"]:
-                        _save_episode(_episode_path(out_dir, index), ep)
+                        save_episode(episode_path(out_dir, index), ep)
                         emit(("kept", index, ep_seed, len(ep["actions"]), t1 - t0, time.perf_counter() - t1))
                         break
                     reason = f"converted {control_mode} replay did not succeed ({len(ep['actions'])} steps)"
@@ -405,6 +282,42 @@ def _run_workers(jobs: list[dict[str, Any]], handle: _Emit) -> None:
         raise RuntimeError("demo worker failed:\n" + "\n".join(errors))
 
 
+def _check_demo_args(task: str, n: int, control_mode: str, workers: int, max_attempts: int) -> None:
+    from par_deploy.sim.env import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    if TASKS[task].env_id not in PLANNERS:
+        raise ConfigError(f"no motion planner for {task}")
+    if control_mode not in CONTROL_MODES:
+        raise ConfigError(
+            f"control_mode {control_mode!r} is not reachable from the planner; use one of {CONTROL_MODES}"
+        )
+    if n < 1 or workers < 1 or max_attempts < 1:
+        raise ValueError(f"n ({n}), workers ({workers}) and max_attempts ({max_attempts}) must be >= 1")
+
+
+def _record(summary: DemoSummary, msg: tuple, console, max_attempts: int) -> bool:
+    """Add one worker message (``kept``, ``failed``, ``missing``) to the summary and log it; True when an episode
+    index is done (kept, or given up)."""
+    kind, index = msg[0], msg[1]
+    if kind == "missing":
+        summary.missing.append(index)
+        console.log(f"ep {index:6d}: no successful demo after {max_attempts} attempts")
+        return True
+    _, _, ep_seed, detail, plan_s, conv_s = msg
+    summary.plan_seconds += plan_s
+    summary.convert_seconds += conv_s
+    if kind == "failed":
+        summary.failed_attempts += 1
+        console.log(f"ep {index:6d} seed {ep_seed}: failed: {detail}")
+        return False
+    summary.kept += 1
+    summary.lengths.append(detail)
+    console.log(f"ep {index:6d} seed {ep_seed}: T={detail}, plan {plan_s:.2f} s, convert {conv_s:.2f} s")
+    return True
+
+
 def generate_demos(
     task: str,
     n: int,
@@ -426,29 +339,19 @@ def generate_demos(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from par_deploy.sim.env import TASKS, make_env
+    from par_deploy.sim.env import make_env
 
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    if TASKS[task].env_id not in PLANNERS:
-        raise ConfigError(f"no motion planner for {task}")
-    if control_mode not in CONTROL_MODES:
-        raise ConfigError(
-            f"control_mode {control_mode!r} is not reachable from the planner; use one of {CONTROL_MODES}"
-        )
-    if n < 1 or workers < 1 or max_attempts < 1:
-        raise ValueError(f"n ({n}), workers ({workers}) and max_attempts ({max_attempts}) must be >= 1")
-
+    _check_demo_args(task, n, control_mode, workers, max_attempts)
     t_start = time.perf_counter()
     out = Path(out_dir)
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     for stale in (out / "episodes").glob(".ep_*.tmp"):  # left by an interrupted run
         stale.unlink()
     with make_env(task, control_mode=control_mode, image_size=image_size) as env:
-        _write_or_check_meta(out, _build_meta(env, task))
+        write_or_check_meta(out, _build_meta(env, task))
 
     summary = DemoSummary(task=task, out_dir=str(out), requested=n)
-    todo = [i for i in range(n) if not _episode_path(out, i).exists()]
+    todo = [i for i in range(n) if not episode_path(out, i).exists()]
     summary.existing = n - len(todo)
     console = Console(stderr=True, quiet=not progress, log_path=False)
     columns = (TextColumn(f"{task} demos"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -456,25 +359,8 @@ def generate_demos(
         bar_id = bar.add_task("demos", total=n, completed=summary.existing)
 
         def handle(msg: tuple) -> None:
-            kind, index = msg[0], msg[1]
-            if kind == "kept":
-                _, _, ep_seed, length, plan_s, conv_s = msg
-                summary.kept += 1
-                summary.lengths.append(length)
-                summary.plan_seconds += plan_s
-                summary.convert_seconds += conv_s
+            if _record(summary, msg, console, max_attempts):
                 bar.advance(bar_id)
-                console.log(f"ep {index:6d} seed {ep_seed}: T={length}, plan {plan_s:.2f} s, convert {conv_s:.2f} s")
-            elif kind == "failed":
-                _, _, ep_seed, reason, plan_s, conv_s = msg
-                summary.failed_attempts += 1
-                summary.plan_seconds += plan_s
-                summary.convert_seconds += conv_s
-                console.log(f"ep {index:6d} seed {ep_seed}: failed: {reason}")
-            elif kind == "missing":
-                summary.missing.append(index)
-                bar.advance(bar_id)
-                console.log(f"ep {index:6d}: no successful demo after {max_attempts} attempts")
 
         if todo:
             job = dict(

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from par_deploy.checkpoint import save_pretrained
-from par_deploy.config import preset
+from par_deploy.config import PARConfig, preset
 from par_deploy.errors import ConfigError
 from par_deploy.model.par import PARModel
 from par_deploy.train.dataset import BatchSampler, EpisodeDataset
@@ -52,7 +52,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 10
     seed: int = 0
-    threads: int = 1  # torch threads per process: pick from the free cores (DESIGN §7)
+    threads: int = 1  # torch threads per process: pick from the free cores (docs/design-notes.md §5)
     limit_episodes: int | None = None
     # Autocast of the forward pass: "bf16" runs the matmuls in bfloat16 (1.65x faster per step than "fp32" on
     # this machine's avx512_bf16 CPU, docs/recipe.md); "auto" picks bf16 where oneDNN supports it natively.
@@ -132,46 +132,14 @@ def train(
         raise ConfigError(f"batch_size {tc.batch_size} must be divisible by the number of processes ({world})")
 
     data = EpisodeDataset(data_dir, tc.limit_episodes)
-    fields = data.model_fields()
-    chunk = tc.model_overrides.get("chunk_len", preset(preset_name).chunk_len)
-    fields["max_blocks"] = -(-max(data.max_steps, data.meta["max_episode_steps"]) // chunk) + 1
-    if tc.window:
-        fields.update(max_blocks=tc.window, overflow="slide")
-    cfg = preset(preset_name, **{**fields, **tc.model_overrides})
+    cfg = _model_config(data, preset_name, tc)
     history = tc.window or tc.history or cfg.max_blocks
-
     torch.manual_seed(tc.seed)
     model = PARModel(cfg)
     ema = EMA(model, tc.ema_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith(("pos", "boa", "tokens", "mask_token")) else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = _optimizer(model, tc)
     sampler = BatchSampler(data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world)
-    step = 0
-
-    if has_state(run):  # exact resume
-        tc_saved = json.loads((run / "train_config.json").read_text())
-        if tc_saved != _tc_json(tc):
-            raise ConfigError(
-                f"{run}: resuming with a different TrainConfig than the run was started with; "
-                f"pass the options in {run / 'train_config.json'} or use a new --out"
-            )
-        st = load_state(run, rank, world)
-        model.load_state_dict(st["model"])
-        ema.shadow = st["ema"]
-        opt.load_state_dict(st["optimizer"])
-        sampler.load_state_dict(st["sampler"])
-        step = st["step"]
-        set_rng_state(st["rng"])
-    elif rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "train_config.json").write_text(json.dumps(_tc_json(tc), indent=2) + "\n")
-        cfg.save(run / "model_config.json")
+    step = _resume_or_start(run, tc, cfg, model, ema, opt, sampler, rank, world)
 
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
@@ -220,6 +188,52 @@ def train(
     if world > 1:
         dist.barrier()
     return final
+
+
+def _model_config(data: EpisodeDataset, preset_name: str, tc: TrainConfig) -> PARConfig:
+    """The preset with the fields the data decides, a cache for the longest episode (or the window), and the
+    user's overrides."""
+    fields = data.model_fields()
+    chunk = tc.model_overrides.get("chunk_len", preset(preset_name).chunk_len)
+    fields["max_blocks"] = -(-max(data.max_steps, data.meta["max_episode_steps"]) // chunk) + 1
+    if tc.window:
+        fields.update(max_blocks=tc.window, overflow="slide")
+    return preset(preset_name, **{**fields, **tc.model_overrides})
+
+
+def _optimizer(model: PARModel, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and learned embeddings/tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.endswith(("pos", "boa", "tokens", "mask_token")) else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def _resume_or_start(run: Path, tc: TrainConfig, cfg, model, ema, opt, sampler, rank: int, world: int) -> int:
+    """Restore a run's saved state exactly (same TrainConfig required) or start it; returns the step."""
+    if not has_state(run):
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "train_config.json").write_text(json.dumps(_tc_json(tc), indent=2) + "\n")
+            cfg.save(run / "model_config.json")
+        return 0
+    tc_saved = json.loads((run / "train_config.json").read_text())
+    if tc_saved != _tc_json(tc):
+        raise ConfigError(
+            f"{run}: resuming with a different TrainConfig than the run was started with; "
+            f"pass the options in {run / 'train_config.json'} or use a new --out"
+        )
+    st = load_state(run, rank, world)
+    model.load_state_dict(st["model"])
+    ema.shadow = st["ema"]
+    opt.load_state_dict(st["optimizer"])
+    sampler.load_state_dict(st["sampler"])
+    set_rng_state(st["rng"])
+    return st["step"]
 
 
 def _time_spent(metrics: Path, step: int) -> tuple[float, float]:

@@ -40,6 +40,33 @@ class _Task:
     image_size: int
     max_steps: int
 
+    def protocol(self, seeds: Sequence[int], state_seed_base: int, stop_on_success: bool) -> dict[str, Any]:
+        return protocol_dict(
+            self.name,
+            self.env_id,
+            self.instruction,
+            self.control_mode,
+            self.image_size,
+            self.max_steps,
+            seeds,
+            state_seed_base,
+            stop_on_success,
+        )
+
+    def rollout_setup(self, source: PolicySource, label: str, **options) -> RolloutSetup:
+        """What a worker needs to run ``source``'s episodes on this task (``options``: the rest of
+        ``RolloutSetup``'s fields)."""
+        return RolloutSetup(
+            task=self.name,
+            policy=source,
+            instruction=self.instruction,
+            control_mode=self.control_mode,
+            image_size=self.image_size,
+            max_steps=self.max_steps,
+            label=label,
+            **options,
+        )
+
 
 def _check_task(task: str, source: PolicySource, max_steps: int | None, control_mode: str | None, console) -> _Task:
     from par_deploy.sim.env import TASKS
@@ -132,17 +159,7 @@ def evaluate(
     t = _check_task(task, policy_spec, max_steps, control_mode, console)
     policies = _labelled(policy_spec, reference)
     identities = {label: p.identity() for label, p in policies.items()}
-    protocol = protocol_dict(
-        t.name,
-        t.env_id,
-        t.instruction,
-        t.control_mode,
-        t.image_size,
-        t.max_steps,
-        seeds,
-        state_seed_base,
-        stop_on_success,
-    )
+    protocol = t.protocol(seeds, state_seed_base, stop_on_success)
     json_path = Path(json_path) if json_path is not None else None
     doc = load_resume(json_path, protocol, identities)
     doc["machine"], doc["command"] = machine_info(), command
@@ -162,17 +179,12 @@ def evaluate(
     jobs = episode_jobs(episodes, seeds)
     result = EvalResult(task, protocol, {}, json_path=str(json_path) if json_path else None)
     for label, source in policies.items():
-        setup = RolloutSetup(
-            task=task,
-            policy=source,
-            instruction=t.instruction,
-            control_mode=t.control_mode,
-            image_size=t.image_size,
-            max_steps=t.max_steps,
+        setup = t.rollout_setup(
+            source,
+            label,
             state_seed_base=state_seed_base,
             stop_on_success=stop_on_success,
             video_dir=str(video_dir) if video_dir else None,
-            label=label,
             env_factory=env_factory,
         )
         book = RunBook(doc, label, identities[label], source.describe(), jobs, json_path)

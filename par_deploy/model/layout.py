@@ -1,4 +1,4 @@
-"""Token layout of a PAR sequence and the block-causal mask (paper Fig. 3, DESIGN §1).
+"""Token layout of a PAR sequence and the block-causal mask (paper Fig. 3, docs/design-notes.md §1).
 
 Sequence: ``[text (K_t)] P_0 P_1 ... P_{N-1}``; each block ``P_n = [frame tokens (K_o); state token (0/1);
 action tokens (L)]``. Rules, for a query q and a key k:

@@ -161,7 +161,7 @@ class PARModel(nn.Module):
         """Pure step: block tokens x ``[B, Bl, D]`` at block index n (int64 ``[1]``) over a read-only cache.
 
         Returns hidden ``[B, Bl, D]``, new keys and values ``[layers, B, H, Bl, hd]`` for slots
-        ``K_t + n*Bl ..``. The export unit (DESIGN §4: the host writes the delta into its buffer).
+        ``K_t + n*Bl ..``. The export unit (docs/design-notes.md §3: the host writes the delta into its buffer).
         """
         start = self.cfg.block_slot(n)  # [1]
         mask = cache_step_mask(start, cache_k.shape[3], self.intra_mask)  # [Bl, S + Bl]

@@ -9,7 +9,7 @@ exact (``config.activation``; NOVA: exact).
 
 ``CausalTransformer.forward`` runs a whole sequence (teacher forcing); ``CausalTransformer.step`` runs one
 new block against a static KV-cache and returns the block's hidden states and its new keys/values, which the
-caller writes into the cache (the form that exports cleanly: DESIGN §4).
+caller writes into the cache (the form that exports cleanly: docs/design-notes.md §3).
 """
 
 from __future__ import annotations

@@ -129,6 +129,11 @@ def cache_layout(cfg: PARConfig) -> dict[str, int]:
     }
 
 
+def text_prefix_shape(cfg: PARConfig) -> tuple[int, ...]:
+    """``[instructions, layers, 1, heads, K_t, head_dim]``: the text-prefix keys (or values) a bundle stores."""
+    return (len(cfg.instructions), *cfg.cache_shape()[:3], cfg.num_text_tokens, cfg.dim // cfg.heads)
+
+
 def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str) -> dict[str, GraphSpec]:
     """The signatures of every graph a bundle holds, derived from the config alone."""
     if sampler_graph not in SAMPLER_GRAPHS:
@@ -248,8 +253,7 @@ class Bundle:
                 raise BundleError(
                     f"{path}: unreadable text prefix ({type(e).__name__}: {e}); re-export the bundle"
                 ) from None
-            c = self.config
-            expected = (len(c.instructions), c.depth, 1, c.heads, c.num_text_tokens, c.dim // c.heads)
+            expected = text_prefix_shape(self.config)
             for name, a in (("k", k), ("v", v)):
                 if a.shape != expected:
                     raise BundleError(

@@ -5,7 +5,7 @@ the numpy memory on CPU) and bound with ``IOBinding``: nothing is allocated per 
 copied whole:
 
 - the step graph reads the cache buffers in place and writes only the new block's keys/values; the host
-  copies that delta into the cache at the block's slots (DESIGN §4: the fastest CPU path measured);
+  copies that delta into the cache at the block's slots (docs/design-notes.md §3: the fastest CPU path measured);
 - the step graph's ``action_cond`` output buffer is bound directly as the sampler's ``action_cond`` input;
 - in the loop form, ``condition`` writes ``cond_k``/``cond_v`` buffers that ``denoise`` reads, and ``x`` /
   ``x_next`` ping-pong between two buffers (two bindings).
@@ -54,7 +54,7 @@ def create_session(path, so, providers: list[str] | None = None):
 
 
 def session_options(threads: int | None):
-    """One intra-op thread by default: on a shared machine more threads can be much slower (DESIGN §7)."""
+    """One intra-op thread by default: on a shared machine more threads can be much slower (docs/design-notes.md §5)."""
     ort = _import_ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1 if threads is None else int(threads)

@@ -1,7 +1,7 @@
 """The policy interface every backend implements (numpy in, numpy out; no torch import here).
 
-Control loop (DESIGN §1): at control step n the policy appends block ``[O_{n-1}; A_{n-1}]`` (the observation
-it is given and the chunk executed since the last call, BOA at the first step) to its KV-cache, samples the
+Control loop (docs/design-notes.md §1): at control step n the policy appends block ``[O_{n-1}; A_{n-1}]`` (the
+observation it is given and the chunk executed since the last call, BOA at the first step) to its KV-cache, samples the
 next chunk ``A_n`` and returns it denormalised, in the controller's units. The controller executes the whole
 chunk (``chunk_len`` actions) before calling ``act`` again; if it executed something else (a safety override,
 a replayed demonstration), it passes that chunk as ``act(..., executed=chunk)``.

@@ -12,7 +12,7 @@ Observation (a dict of numpy arrays)::
 
 Images: ManiSkill renders the cube tasks' cameras at 128x128 (``TaskSpec.camera_size``). When ``image_size``
 divides that, the sensor renders at 128 and each k x k block is averaged (rounded half up), e.g. the 2x2 mean
-for 64 (DESIGN §7); otherwise the sensor renders at ``image_size`` directly.
+for 64 (docs/design-notes.md §5); otherwise the sensor renders at ``image_size`` directly.
 
 Simulation: ``physx_cpu`` with one environment and ``obs_mode="rgb"``. SAPIEN needs Vulkan even on CPU; with
 ``render_backend="cpu"`` it renders with Mesa's lavapipe, which must be Mesa >= 25 (``scripts/setup_sim.sh``).
@@ -67,7 +67,7 @@ TASKS: dict[str, TaskSpec] = {
         instruction="push the cube to the goal region",
         state_keys=(_QPOS, _TCP_POSE),
     ),
-    # The goal marker is hidden from the cameras, so the goal position must come in as state (DESIGN §7).
+    # The goal marker is hidden from the cameras, so the goal position must come in as state (docs/design-notes.md §5).
     "PickCube": TaskSpec(
         name="PickCube",
         env_id="PickCube-v1",
