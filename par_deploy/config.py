@@ -44,6 +44,19 @@ OVERFLOWS = ("error", "slide")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
+def check_format_version(version: Any, supported: int, where: str, error=ConfigError, hint: str = "") -> int:
+    """The one rule for a file's ``format_version`` (configs, bundle manifests): an integer >= 1 and not newer than
+    ``supported``; else ``error`` naming ``where`` (``hint``: what else the user can do)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise error(f"{where}: invalid format_version {version!r} (expected an integer >= 1)")
+    if version > supported:
+        raise error(
+            f"{where}: format_version {version} is newer than this par-deploy supports ({supported}); "
+            f"upgrade par-deploy{hint}"
+        )
+    return version
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What a model was trained for: the typed view of the task fields of ``config.extra``.
@@ -351,13 +364,7 @@ class PARConfig:
                 f"{source}: no format_version; a config written by par-deploy has one "
                 f"(current: {CONFIG_FORMAT_VERSION}): restore it, or re-save the config"
             )
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ConfigError(f"{source}: invalid format_version {version!r} (expected an integer >= 1)")
-        if version > CONFIG_FORMAT_VERSION:
-            raise ConfigError(
-                f"{source}: format_version {version} is newer than this par-deploy supports "
-                f"({CONFIG_FORMAT_VERSION}); upgrade par-deploy"
-            )
+        check_format_version(version, CONFIG_FORMAT_VERSION, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

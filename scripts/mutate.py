@@ -162,8 +162,8 @@ MUTANTS = [
     _m(
         "ckpt-hash-prefix",
         "par_deploy/runtime/bundle.py",
-        'if digest != m["checkpoint_hash"]:',
-        'if digest[:12] != m["checkpoint_hash"][:12]:',
+        'if digest != manifest["checkpoint_hash"]:',
+        'if digest[:12] != manifest["checkpoint_hash"][:12]:',
         "checkpoint digest compared by its printed prefix",
     ),
     # -- model ------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from par_deploy.config import PARConfig
+from par_deploy.config import PARConfig, check_format_version
 from par_deploy.errors import CheckpointError, ConfigError, ParError
 from par_deploy.files import atomic_write, checkpoint_hash, sha256_file
 from par_deploy.normalize import Normalizer
@@ -279,14 +279,9 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise BundleError(f"{path}: not a par-deploy bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})")
-    version = m.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise BundleError(f"{path}: invalid format_version {version!r}")
-    if version > BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: bundle format_version {version} is newer than this par-deploy supports "
-            f"({BUNDLE_FORMAT_VERSION}); upgrade par-deploy or re-export the bundle"
-        )
+    version = check_format_version(
+        m.get("format_version"), BUNDLE_FORMAT_VERSION, str(path), BundleError, " or re-export the bundle"
+    )
     if version < BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format_version {version} is older than this par-deploy reads ({BUNDLE_FORMAT_VERSION}: "
@@ -309,6 +304,21 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{path}: manifest lacks the fields {missing}; re-export the bundle")
     return m
+
+
+def check_source_checkpoint(bundle_dir: str | Path, manifest: dict[str, Any], checkpoint: str | Path) -> None:
+    """``BundleError`` unless the bundle was exported from the checkpoint directory ``checkpoint`` (its sha256,
+    ``par_deploy.files.checkpoint_hash``, against the manifest's ``checkpoint_hash``)."""
+    mpath = Path(bundle_dir) / MANIFEST_FILE
+    try:
+        digest = checkpoint_hash(checkpoint)
+    except CheckpointError as e:
+        raise BundleError(f"{e}; cannot check which checkpoint the bundle {bundle_dir} was built from") from None
+    if digest != manifest["checkpoint_hash"]:
+        raise BundleError(
+            f"{mpath}: bundle was exported from checkpoint {manifest['checkpoint_hash'][:12]}..., not from "
+            f"{checkpoint} ({digest[:12]}...); export a bundle from this checkpoint"
+        )
 
 
 def _verify_file(root: Path, entry: dict[str, Any], what: str) -> None:
@@ -339,16 +349,7 @@ def open_bundle(bundle_dir: str | Path, backend: str | None = None, checkpoint: 
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{mpath}: invalid model config ({e})") from None
     if checkpoint is not None:
-        try:
-            digest = checkpoint_hash(checkpoint)
-        except CheckpointError as e:
-            raise BundleError(f"{e}; cannot check which checkpoint the bundle {root} was built from") from None
-        if digest != m["checkpoint_hash"]:
-            raise BundleError(
-                f"{mpath}: bundle was exported from checkpoint {m['checkpoint_hash'][:12]}..., not from "
-                f"{checkpoint} "
-                f"({digest[:12]}...); export a bundle from this checkpoint"
-            )
+        check_source_checkpoint(root, m, checkpoint)
     sampler = m["sampler"]
     if sampler.get("graph") not in SAMPLER_GRAPHS:
         raise BundleError(f"{mpath}: unknown sampler graph {sampler.get('graph')!r}")

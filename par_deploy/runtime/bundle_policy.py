@@ -41,6 +41,15 @@ class BundlePolicy(Policy):
         """First cache slot of block ``step`` (``PARConfig.block_slot``)."""
         return self.bundle.config.block_slot(step)
 
+    @staticmethod
+    def stage_block(buffers: dict[str, np.ndarray], rgb, state, prev_chunk, first: bool, step: int) -> list[str]:
+        """Write one block's step-graph inputs into host ``buffers`` (batch row 0); returns the names written
+        (``state`` only when the graph has that input)."""
+        names = ["rgb", "prev_actions", "first", "pos"] + (["state"] if "state" in buffers else [])
+        for name, value in zip(names, (rgb, prev_chunk, first, step, state), strict=False):
+            buffers[name][0] = value
+        return names
+
     def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
         i = self._instructions.index(instruction)

@@ -154,13 +154,7 @@ class OnnxPolicy(BundlePolicy):
 
     def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the cache; fills the ``action_cond`` / ``frame_hidden`` buffers."""
-        b = self.buffers
-        b["rgb"][0] = rgb
-        if "state" in b:
-            b["state"][0] = state
-        b["prev_actions"][0] = prev_chunk
-        b["first"][0] = first
-        b["pos"][0] = step
+        self.stage_block(self.buffers, rgb, state, prev_chunk, first, step)
         self._run("step")
         s = self.slot(step)  # Policy.act guarantees step < max_blocks, so the block fits
         self._cache_k[:, :, :, s : s + self.block_len] = self._new_k

@@ -189,16 +189,7 @@ class TensorRTPolicy(BundlePolicy):
 
     def step_block(self, rgb: np.ndarray, state: np.ndarray, prev_chunk: np.ndarray, first: bool, step: int) -> None:
         """Append block ``step`` to the device cache (asynchronously, on the policy's stream)."""
-        h = self.host
-        h["rgb"][0] = rgb
-        h["prev_actions"][0] = prev_chunk
-        h["first"][0] = first
-        h["pos"][0] = step
-        names = ["rgb", "prev_actions", "first", "pos"]
-        if "state" in h:
-            h["state"][0] = state
-            names.append("state")
-        for key in names:
+        for key in self.stage_block(self.host, rgb, state, prev_chunk, first, step):
             self._upload(key)
         self._execute("step")
         s = self.slot(step)
