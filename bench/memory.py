@@ -17,16 +17,30 @@ import time
 import numpy as np
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: that survives exec, so a child started by
-    a big process would report its parent's peak."""
+def _status_mb(key: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MB (None where there is no procfs)."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: that survives exec, so a child started by
+    a big process would report its parent's peak."""
+    peak = _status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
+
+
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS; needs Linux procfs)."""
+    rss = _status_mb("VmRSS")
+    if rss is None:
+        raise OSError("the current resident set is read from /proc/self/status, which this system lacks")
+    return rss
 
 
 def run(kind: str, path: str, steps: int, k: int | None, sampler: str | None, threads: int) -> dict:

@@ -67,9 +67,16 @@ class RemotePolicy:
         """Start a new episode on the server (clears this connection's cache)."""
         self._call(protocol.reset_request(instruction, seed))
 
-    def act(self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
-        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``."""
-        reply = self._call(protocol.act_request(observation, noise))
+    def act(
+        self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None, executed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
+
+        ``noise`` and ``executed`` (float32 ``[L, A]`` in controller units: the chunk actually executed since the
+        previous call, when it differs from the one returned) as for ``par_deploy.runtime.Policy.act``; the
+        server validates them as the in-process policy does (``InputError``, nothing of the episode consumed).
+        """
+        reply = self._call(protocol.act_request(observation, noise, executed))
         L, A = self.spec.chunk_len, self.spec.action_dim
         actions = protocol.decode_array(reply.get("actions"), "actions", 8 * L * A)
         if actions.shape != (L, A) or actions.dtype != np.float32 or not np.isfinite(actions).all():

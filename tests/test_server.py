@@ -1,5 +1,6 @@
-"""The policy server and its torch-free client: handshake, parity with the in-process runtime, isolation of
-clients, bad input, health check, SIGTERM, long episodes with resets, and the strict wire decoding."""
+"""The policy server and its torch-free client: handshake, parity with the in-process runtime (with and without
+executed chunks), isolation of clients, bad input, health check, SIGTERM, and the strict wire decoding. Episodes
+of 10x the cache length (sliding and error overflow): tests/test_long_episodes.py."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from websockets.sync.client import connect
 
 from par_deploy import runtime
 from par_deploy.client import RemotePolicy
-from par_deploy.errors import CacheFullError, InputError
+from par_deploy.errors import InputError
 from par_deploy.export import export_bundle
-from par_deploy.runtime.bundle import sha256_file
+from par_deploy.files import sha256_file
 from par_deploy.serve import protocol
 from par_deploy.serve.protocol import ProtocolError, RemoteError, ServerUnavailable
 from par_deploy.serve.server import PolicyServer, ServerProcess, ServerThread
@@ -126,6 +127,57 @@ def test_a_bad_observation_fails_that_client_only(server, bundle):
         np.testing.assert_array_equal(bad.act(obs), fresh.act(obs))  # the errors cost the episode nothing
 
 
+def test_executed_chunks_through_the_server_equal_the_in_process_run(server, bundle):
+    """A controller that overrides every other chunk and says so with ``executed``: the server's chunks equal the
+    in-process runtime's for the same executed chunks and noise, and differ from a run without them (so a server
+    that dropped ``executed`` would fail here)."""
+    local, plain = runtime.load(bundle, "onnx"), runtime.load(bundle, "onnx")
+    rng = np.random.default_rng(11)
+    with RemotePolicy(server.url) as remote:
+        for policy in (local, plain, remote):
+            policy.reset(INSTRUCTIONS[0], seed=4)
+        executed, differed = None, False
+        for step in range(6):
+            obs = _obs(local.spec, 20 + step)
+            noise = rng.standard_normal(local.noise_shape()).astype(np.float32) if step % 3 else None
+            a = local.act(obs, noise, executed=executed)
+            np.testing.assert_array_equal(remote.act(obs, noise, executed=executed), a, err_msg=f"step {step}")
+            differed |= not np.array_equal(plain.act(obs, noise), a)
+            executed = (0.5 * a + 0.1).astype(np.float32) if step % 2 == 0 else None  # the override, controller units
+        assert differed, "executed= changed nothing in-process: this test could not see a server ignore it"
+        assert remote.steps_left == local.steps_left == local.spec.max_blocks - 6
+
+
+def test_a_bad_executed_chunk_fails_that_client_only(server, bundle):
+    ref = runtime.load(bundle, "onnx")
+    with RemotePolicy(server.url) as bad, RemotePolicy(server.url) as good:
+        for p in (bad, good, ref):
+            p.reset(seed=0)
+        spec = bad.spec
+        obs, chunk = _obs(spec), np.full((spec.chunk_len, spec.action_dim), 0.25, np.float32)
+        with pytest.raises(InputError, match="first act"):  # the first block's action part is BOA
+            bad.act(obs, executed=chunk)
+        assert bad.steps_left == spec.max_blocks  # nothing was consumed
+        bad.act(obs)
+        wrong = [
+            (chunk[:-1], "executed: expected shape"),
+            (chunk.astype(np.float64), "executed: expected dtype float32"),
+            (np.full_like(chunk, np.inf), "executed: contains NaN"),
+            (chunk.tolist(), "executed: expected a numpy array, found list"),  # refused by the client
+            (chunk.astype(object), "executed: dtype object cannot be sent"),  # refused by the client
+        ]
+        for i, (executed, message) in enumerate(wrong):
+            with pytest.raises(InputError, match=message):
+                bad.act(_obs(spec, 1), executed=executed)
+            assert bad.steps_left == spec.max_blocks - 1
+            np.testing.assert_array_equal(good.act(_obs(spec, 30 + i)), ref.act(_obs(spec, 30 + i)))
+        fresh = runtime.load(bundle, "onnx")
+        fresh.reset(seed=0)
+        fresh.act(obs)
+        want = fresh.act(_obs(spec, 1), executed=chunk)
+        np.testing.assert_array_equal(bad.act(_obs(spec, 1), executed=chunk), want)  # the errors cost nothing
+
+
 def test_malformed_requests_get_protocol_errors_and_the_server_keeps_running(server):
     arr = protocol.encode_array(np.zeros(3, np.float32), "x")
     cases = [
@@ -142,6 +194,8 @@ def test_malformed_requests_get_protocol_errors_and_the_server_keeps_running(ser
         (protocol.pack({"op": "act", "observation": {"rgb": {**arr, "shape": [1 << 40]}}}), "exceed the limit"),
         (protocol.pack({"op": "act", "observation": {"rgb": {**arr, "shape": [-3]}}}), "non-negative"),
         (protocol.pack({"op": "act", "observation": {"depth": arr}}), "unknown field"),
+        (protocol.pack({"op": "act", "observation": {}, "executed": {**arr, "dtype": "object"}}), "executed: dtype"),
+        (protocol.pack({"op": "act", "observation": {}, "executed": [0.0] * 3}), "executed: expected an array map"),
         (b"\x80\x04\x95" + b"pickle-like", "not valid msgpack"),
     ]
     for frame, message in cases:
@@ -193,29 +247,6 @@ def test_clients_beyond_the_limit_are_refused(bundle):
             RemotePolicy(st.url)
         first.reset()
         first.act(_obs(first.spec))
-
-
-def test_episode_of_10x_max_blocks_through_the_server_resets_on_cache_full(server, bundle):
-    ref = runtime.load(bundle, "onnx")
-    with RemotePolicy(server.url) as p:
-        n = p.spec.max_blocks
-        p.reset(INSTRUCTIONS[1], seed=0)
-        ref.reset(INSTRUCTIONS[1], seed=0)
-        resets = 0
-        for step in range(10 * n):
-            obs = _obs(p.spec, step)
-            try:
-                chunk = p.act(obs)
-            except CacheFullError as e:
-                assert "static KV-cache" in str(e) and p.steps_left == 0
-                with pytest.raises(CacheFullError):
-                    ref.act(obs)
-                p.reset(INSTRUCTIONS[1])  # the controller's response today (no sliding window yet)
-                ref.reset(INSTRUCTIONS[1])
-                resets += 1
-                chunk = p.act(obs)
-            np.testing.assert_array_equal(chunk, ref.act(obs))
-        assert resets == 9  # the cache fills every n steps: at steps n, 2n, ..., 9n
 
 
 def test_client_imports_neither_torch_nor_onnxruntime(server):
@@ -270,24 +301,3 @@ def test_array_wire_format_round_trip_and_limits():
         protocol.decode_array({"dtype": "uint8", "shape": [1] * 9, "data": b"\0"}, "x", 8)
     with pytest.raises(ProtocolError, match="keys dtype, shape, data"):
         protocol.decode_array({"dtype": "uint8", "shape": [1], "data": b"\0", "code": "x"}, "x", 8)
-
-
-def test_sliding_cache_bundle_runs_past_its_length_through_the_server(tmp_path):
-    """A bundle with overflow "slide": the handshake says so, steps_left is unlimited, and 3x max_blocks control
-    steps through the server equal the in-process runtime's chunks."""
-    ckpt = randomized_checkpoint("tiny", tmp_path / "ckpt", scale=0.05, max_blocks=3, overflow="slide")
-    slide = export_bundle(ckpt, tmp_path / "bundle", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
-    local = runtime.load(slide, "onnx")
-    rng = np.random.default_rng(5)
-    with (
-        ServerThread(PolicyServer(slide, "onnx", threads=1, pool_size=1, max_clients=2)) as st,
-        RemotePolicy(st.url) as remote,
-    ):
-        assert remote.spec == local.spec and remote.spec.overflow == "slide"
-        for policy in (local, remote):
-            policy.reset(seed=0)
-        for step in range(3 * local.spec.max_blocks):
-            noise = rng.standard_normal(local.noise_shape()).astype(np.float32)
-            obs = _obs(local.spec, step)
-            np.testing.assert_array_equal(remote.act(obs, noise), local.act(obs, noise))
-            assert remote.steps_left == float("inf")

@@ -13,7 +13,10 @@ Messages (``PROTOCOL_VERSION`` 1):
   "backend": str, "bundle_hash": str (sha256 of manifest.json), "denoise_steps": K, "noise_shape": [K+1, L, A],
   "max_message_bytes": int}``
 - client -> server: ``{"op": "reset", "instruction": str | None, "seed": int | None}`` or
-  ``{"op": "act", "observation": {"rgb": array, "state": array}, "noise": array | None}``
+  ``{"op": "act", "observation": {"rgb": array, "state": array}, "noise": array | None, "executed": array}``
+  (``executed``, optional: the chunk the controller executed since the previous ``act`` when it differs from the
+  one returned; absent means "the chunk returned". Sent only when given, so a client that never passes it works
+  with any protocol-1 server; a server that predates it refuses it as an unknown field)
 - server -> client, one per request: ``{"ok": true, "steps_left": int | None, "timing": {...}}`` (+ ``"actions"``: array
   ``[L, A]`` for ``act``) or ``{"ok": false, "error": {"type": name, "message": str}, "steps_left": int,
   "timing": {...}}``. ``timing``: ``server_ms`` (message received -> reply encoded), ``compute_ms`` (inside the
@@ -151,11 +154,16 @@ def reset_request(instruction: str | None, seed: int | None) -> dict[str, Any]:
     return {"op": "reset", "instruction": instruction, "seed": None if seed is None else int(seed)}
 
 
-def act_request(observation: dict[str, np.ndarray], noise: np.ndarray | None) -> dict[str, Any]:
+def act_request(
+    observation: dict[str, np.ndarray], noise: np.ndarray | None, executed: np.ndarray | None = None
+) -> dict[str, Any]:
     if not isinstance(observation, dict):
         raise TypeError(f"observation: expected a dict with 'rgb' and 'state', found {type(observation).__name__}")
     obs = {k: encode_array(observation[k], f"observation[{k!r}]") for k in ("rgb", "state") if k in observation}
-    return {"op": "act", "observation": obs, "noise": None if noise is None else encode_array(noise, "noise")}
+    request = {"op": "act", "observation": obs, "noise": None if noise is None else encode_array(noise, "noise")}
+    if executed is not None:
+        request["executed"] = encode_array(executed, "executed")
+    return request
 
 
 def parse_reset(msg: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -169,13 +177,20 @@ def parse_reset(msg: dict[str, Any]) -> tuple[str | None, int | None]:
     return instruction, seed
 
 
-def parse_act(msg: dict[str, Any], max_bytes: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    check_keys(msg, {"op", "observation", "noise"}, "act")
+def parse_act(
+    msg: dict[str, Any], max_bytes: int
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """An act request -> (observation, noise, executed); the arrays' shapes and dtypes are the policy's to check."""
+    check_keys(msg, {"op", "observation", "noise", "executed"}, "act")
     raw = field(msg, "observation", (dict,))
     check_keys(raw, {"rgb", "state"}, "act observation")
     obs = {k: decode_array(v, f"observation[{k!r}]", max_bytes) for k, v in raw.items()}
-    noise = msg.get("noise")
-    return obs, None if noise is None else decode_array(noise, "noise", max_bytes)
+    noise, executed = (msg.get(k) for k in ("noise", "executed"))
+    return (
+        obs,
+        None if noise is None else decode_array(noise, "noise", max_bytes),
+        None if executed is None else decode_array(executed, "executed", max_bytes),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

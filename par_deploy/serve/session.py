@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from par_deploy.errors import ParError
-from par_deploy.runtime.bundle import MANIFEST_FILE, open_bundle, sha256_file
+from par_deploy.files import sha256_file
+from par_deploy.runtime.bundle import MANIFEST_FILE, open_bundle
 from par_deploy.serve import protocol
 
 if TYPE_CHECKING:
@@ -62,9 +63,9 @@ class Session:
             self.policy.reset(instruction, seed=seed)
             return {"ok": True}, (time.perf_counter() - t) * 1e3
         if op == "act":
-            obs, noise = protocol.parse_act(msg, self.max_array_bytes)
+            obs, noise, executed = protocol.parse_act(msg, self.max_array_bytes)
             t = time.perf_counter()
-            actions = self.policy.act(obs, noise=noise)  # [L, A] float32
+            actions = self.policy.act(obs, noise=noise, executed=executed)  # [L, A] float32
             compute_ms = (time.perf_counter() - t) * 1e3
             return {"ok": True, "actions": protocol.encode_array(actions, "actions")}, compute_ms
         raise protocol.ProtocolError(f"unknown op {op!r}; expected 'reset' or 'act'")
