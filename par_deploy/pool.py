@@ -1,7 +1,8 @@
 """One process pool: tasks run in spawned worker processes, and a task whose worker dies is re-run in a fresh one.
 
-``par-deploy eval`` (``par_deploy/eval/rollouts.py``: one task = one episode) uses ``WorkerPool`` and keeps its
-own bookkeeping (the resumable results JSON).
+``par-deploy eval`` (``par_deploy/eval/rollouts.py``: one task = one episode) and ``par-deploy demos``
+(``train/demos.py``: one task = one episode index) both use ``WorkerPool``; each keeps its own bookkeeping
+(eval's resumable results JSON, demos' episode files).
 
 - A worker is a ``spawn``-ed process (never ``fork``: the parent may hold a Vulkan instance or torch threads). It
   calls ``make_worker()`` once (load a policy, create simulators), then ``worker.run(task)`` for each task the
