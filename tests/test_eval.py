@@ -42,6 +42,7 @@ from par_deploy.model.par import PARModel
 from par_deploy.normalize import Normalizer
 from par_deploy.reference import TorchPolicy
 from par_deploy.sim.env import TASKS
+from tests.faults import fail_as, record_run
 
 INSTRUCTION = TASKS["PushCube"].instruction
 
@@ -227,9 +228,9 @@ def test_resume_file_logic(tmp_path):
 
 class FakeEnv:
     """ParEnv interface with 1 camera, state 16, action 4; ``info["success"]`` from step ``success_from`` on
-    (``success_until`` ends it). ``faults`` maps an env seed to ``exit``, ``raise``, ``hang``, ``interrupt``;
-    with ``marker_dir`` a fault fires only on its first occurrence (a marker file remembers it across
-    processes)."""
+    (``success_until`` ends it). ``faults`` maps an env seed to ``exit``, ``kill`` (SIGKILL), ``raise``,
+    ``hang``, ``interrupt``; with ``marker_dir`` a fault fires only on its first occurrence (a marker file
+    remembers it across processes)."""
 
     def __init__(
         self,
@@ -261,18 +262,9 @@ class FakeEnv:
         kind = self.faults.get(seed - EVAL_SEED_BASE)
         if kind is None:
             return
-        if self.marker_dir is not None:
-            marker = Path(self.marker_dir) / f"fired-{seed}"
-            if marker.exists():
-                return
-            marker.write_text(str(os.getpid()))
-        if kind == "exit":
-            os._exit(3)
-        if kind == "hang":
-            time.sleep(3600)
-        if kind == "interrupt":
-            raise KeyboardInterrupt
-        raise RuntimeError(f"simulated simulator failure at seed {seed}")
+        if self.marker_dir is not None and record_run(self.marker_dir, seed) > 0:
+            return
+        fail_as(kind, f"simulated simulator failure at seed {seed}")
 
     def reset(self, seed):
         self._fault(seed)
@@ -466,35 +458,36 @@ def test_video_of_real_and_predicted_frames(ckpt, tmp_path):
 
 
 def test_crashed_and_hung_workers_are_restarted_and_reported(ckpt, tmp_path):
-    # state 1: the process exits once; state 2: the env raises on every attempt; state 3: hangs once
-    env = functools.partial(
-        _FaultyEnv, success_from=5, faults={1: "exit", 3: "hang"}, always={2: "raise"}, marker_dir=str(tmp_path)
-    )
+    # state 1: the process exits once; state 2: the env raises on every attempt; state 3: hangs once;
+    # state 4: the process is killed (SIGKILL) once
+    faults = {1: "exit", 3: "hang", 4: "kill"}
+    env = functools.partial(_FaultyEnv, success_from=5, faults=faults, always={2: "raise"}, marker_dir=str(tmp_path))
     path = tmp_path / "r.json"
     t0 = time.perf_counter()
     res = _evaluate(
-        ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=1, json_path=path, env=env
+        ckpt, tmp_path, episodes=5, seeds=(0,), workers=1, timeout=5, max_retries=1, json_path=path, env=env
     )
     elapsed = time.perf_counter() - t0
     recs = {r.state: r for r in res.main.episodes}
-    assert sorted(recs) == [0, 1, 2, 3]  # nothing dropped
+    assert sorted(recs) == [0, 1, 2, 3, 4]  # nothing dropped
     assert recs[0].attempts == 1 and recs[0].success_once
     assert recs[1].attempts == 2 and "died (exit code 3)" in recs[1].retry_reasons[0] and recs[1].success_once
     assert recs[2].crashed and not recs[2].success_once and recs[2].attempts == 2
     assert all("RuntimeError: simulated simulator failure" in x for x in recs[2].retry_reasons)
     assert recs[3].attempts == 2 and "timed out" in recs[3].retry_reasons[0] and recs[3].success_once
+    assert recs[4].attempts == 2 and "died (exit code -9)" in recs[4].retry_reasons[0] and recs[4].success_once
     s = res.main.summary
-    assert s["crashed"] == 1 and s["retried"] == 3 and s["success_once"]["successes"] == 3
-    assert len({recs[k].pid for k in (0, 1, 3)}) == 3  # restarted workers
+    assert s["crashed"] == 1 and s["retried"] == 4 and s["success_once"]["successes"] == 4
+    assert len({recs[k].pid for k in (0, 1, 3, 4)}) == 4  # restarted workers
     saved = json.loads(path.read_text())["runs"]["reference"]["episodes"]
-    assert [r["attempts"] for r in saved] == [1, 2, 2, 2]
+    assert [r["attempts"] for r in saved] == [1, 2, 2, 2, 2]
     assert elapsed < 120
 
     # resuming re-runs only the crashed episode (still failing here: recorded again, never dropped)
     res = _evaluate(
-        ckpt, tmp_path, episodes=4, seeds=(0,), workers=1, timeout=5, max_retries=0, json_path=path, env=env
+        ckpt, tmp_path, episodes=5, seeds=(0,), workers=1, timeout=5, max_retries=0, json_path=path, env=env
     )
-    assert res.skipped == {"reference": 3} and res.main.summary["crashed"] == 1
+    assert res.skipped == {"reference": 4} and res.main.summary["crashed"] == 1
 
 
 class _HistoryEnv(FakeEnv):

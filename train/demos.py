@@ -16,6 +16,11 @@ Episode ``i`` uses seed ``seed + i``; if planning or conversion fails it retries
 
 Dataset format: ``train/demo_format.py`` (``meta.json`` + one ``.npz`` per episode).
 
+Workers: with ``workers > 1`` the episode indices run on the project's one process pool (``par_deploy.pool``),
+each worker taking the next index; an index whose worker crashes (segfault, kill, an exception) is re-run in a
+fresh worker, ``WORKER_ATTEMPTS`` runs at most, and then the run stops with one line naming the episode (the
+episodes already written stay). With one worker the episodes run in the calling process.
+
 Resuming: an episode file is written to a temporary name and moved into place (``os.replace``), so a file that
 exists is complete; a new run skips the indices whose files exist. One run per ``out_dir`` at a time.
 """
@@ -23,12 +28,10 @@ exists is complete; a new run skips the indices whose files exist. One run per `
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-import multiprocessing as mp
 import os
-import queue
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from par_deploy.errors import ConfigError
+from par_deploy.pool import WorkerPool
 from par_deploy.train.demo_format import episode_path, make_meta, save_episode, write_or_check_meta
 
 SEED_STRIDE = 10**6  # retry k of episode i uses seed + i + k * SEED_STRIDE
@@ -44,6 +48,7 @@ PLANNERS = {"PushCube-v1": "solvePushCube", "PickCube-v1": "solvePickCube", "Sta
 # Control modes ManiSkill's converter reaches from the planner's pd_joint_pos (pd_joint_pos: no conversion).
 CONTROL_MODES = ("pd_joint_pos", "pd_joint_delta_pos", "pd_ee_delta_pos", "pd_ee_delta_pose")
 _LONG_HORIZON = 10_000  # TimeLimit for planning/conversion envs: demos are never truncated
+WORKER_ATTEMPTS = 3  # runs of one episode index, each in a fresh worker, when its worker crashes (workers > 1)
 
 _Emit = Callable[[tuple], None]
 
@@ -191,95 +196,83 @@ def _convert(actions: np.ndarray, planner_env, env, control_mode: str, seed: int
     }
 
 
-def _generate(
-    task: str,
-    indices: list[int],
-    out_dir: Path,
-    control_mode: str,
-    image_size: int,
-    seed: int,
-    max_attempts: int,
-    emit: _Emit,
+class _DemoWorker:
+    """Makes the episodes of one dataset, one index per ``run`` call, with a planner environment and a ``ParEnv``
+    that live as long as it does (in a pool worker process, or in the calling process with one worker)."""
+
+    def __init__(self, task: str, out_dir: Path, control_mode: str, image_size: int, seed: int, max_attempts: int):
+        import torch
+        from mani_skill.examples.motionplanning.panda import solutions
+
+        from par_deploy.sim.env import TASKS, make_env, make_maniskill_env
+
+        spec = TASKS[task]
+        self.out_dir, self.control_mode, self.seed, self.max_attempts = out_dir, control_mode, seed, max_attempts
+        self.solve = getattr(solutions, PLANNERS[spec.env_id])
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one simulator per core; tiny tensors (docs/design-notes.md §4: +25%)
+        self.planner_env = make_maniskill_env(
+            spec.env_id, obs_mode="none", control_mode="pd_joint_pos", max_episode_steps=_LONG_HORIZON
+        )
+        self.env = make_env(task, control_mode=control_mode, image_size=image_size, max_episode_steps=_LONG_HORIZON)
+        self.recorder = _ActionRecorder(self.planner_env)
+
+    def run(self, index: int) -> list[tuple]:
+        """Make episode ``index`` (written to ``out_dir``); return its messages: ("failed", index, seed, reason,
+        plan_s, convert_s) per failed attempt, then ("kept", index, seed, T, plan_s, convert_s) or ("missing",
+        index)."""
+        messages = []
+        for attempt in range(self.max_attempts):
+            ep_seed = self.seed + index + attempt * SEED_STRIDE
+            t0 = time.perf_counter()
+            actions, reason = _plan(self.recorder, self.solve, ep_seed)
+            t1 = time.perf_counter()
+            if actions is not None:
+                ep = _convert(actions, self.planner_env, self.env, self.control_mode, ep_seed)
+                if ep["success"]:
+                    save_episode(episode_path(self.out_dir, index), ep)
+                    messages.append(("kept", index, ep_seed, len(ep["actions"]), t1 - t0, time.perf_counter() - t1))
+                    return messages
+                reason = f"converted {self.control_mode} replay did not succeed ({len(ep['actions'])} steps)"
+            messages.append(("failed", index, ep_seed, reason, t1 - t0, time.perf_counter() - t1))
+        messages.append(("missing", index))
+        return messages
+
+    def close(self) -> None:
+        import torch
+
+        self.env.close()
+        self.planner_env.close()
+        torch.set_num_threads(self._threads)
+
+
+def _make_episodes(
+    make_worker: Callable[[], Any], todo: list[int], workers: int, handle: _Emit, log: Callable[[str], None]
 ) -> None:
-    """Make the episodes ``indices`` of ``out_dir`` in this process, reporting through ``emit``:
-    ("kept", index, seed, T, plan_s, convert_s), ("failed", index, seed, reason, plan_s, convert_s),
-    ("missing", index)."""
-    import torch
-    from mani_skill.examples.motionplanning.panda import solutions
-
-    from par_deploy.sim.env import TASKS, make_env, make_maniskill_env
-
-    spec = TASKS[task]
-    solve = getattr(solutions, PLANNERS[spec.env_id])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one simulator per core; tiny tensors (docs/design-notes.md §4: +25%)
-    planner_env = make_maniskill_env(
-        spec.env_id, obs_mode="none", control_mode="pd_joint_pos", max_episode_steps=_LONG_HORIZON
+    """``make_worker().run(index)`` for every index of ``todo``, each message passed to ``handle`` (as the
+    index finishes). One worker runs in this process; more run on the process pool (``par_deploy.pool``), where
+    an index whose worker crashes is re-run in a fresh worker, ``WORKER_ATTEMPTS`` times at most."""
+    if workers == 1:
+        worker = make_worker()
+        try:
+            for index in todo:
+                for msg in worker.run(index):
+                    handle(msg)
+        finally:
+            worker.close()
+        return
+    pool = WorkerPool(
+        make_worker,
+        workers=workers,
+        max_attempts=WORKER_ATTEMPTS,
+        name=lambda index: f"demo episode {index}",
+        label="demo",
+        log=log,
     )
-    env = make_env(task, control_mode=control_mode, image_size=image_size, max_episode_steps=_LONG_HORIZON)
-    recorder = _ActionRecorder(planner_env)
-    try:
-        for index in indices:
-            for attempt in range(max_attempts):
-                ep_seed = seed + index + attempt * SEED_STRIDE
-                t0 = time.perf_counter()
-                actions, reason = _plan(recorder, solve, ep_seed)
-                t1 = time.perf_counter()
-                if actions is not None:
-                    ep = _convert(actions, planner_env, env, control_mode, ep_seed)
-                    if ep["success"]:
-                        save_episode(episode_path(out_dir, index), ep)
-                        emit(("kept", index, ep_seed, len(ep["actions"]), t1 - t0, time.perf_counter() - t1))
-                        break
-                    reason = f"converted {control_mode} replay did not succeed ({len(ep['actions'])} steps)"
-                emit(("failed", index, ep_seed, reason, t1 - t0, time.perf_counter() - t1))
-            else:
-                emit(("missing", index))
-    finally:
-        env.close()
-        planner_env.close()
-        torch.set_num_threads(threads)
-
-
-def _worker_main(kwargs: dict[str, Any], out: Any) -> None:
-    """Entry point of a worker process: ``_generate`` with results put on the queue ``out``."""
-    try:
-        _generate(**kwargs, emit=out.put)
-        out.put(("done",))
-    except BaseException:  # noqa: BLE001 - report anything, including KeyboardInterrupt
-        out.put(("error", traceback.format_exc()))
-
-
-def _run_workers(jobs: list[dict[str, Any]], handle: _Emit) -> None:
-    ctx = mp.get_context("spawn")  # never fork a process that may hold a Vulkan instance
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(job, out), daemon=True) for job in jobs]
-    for p in procs:
-        p.start()
-    running, errors = len(procs), []
-    try:
-        while running:
-            try:
-                msg = out.get(timeout=5.0)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]  # crashed without reporting
-                if dead:
-                    errors.append(f"worker pid {dead[0].pid} died with exit code {dead[0].exitcode}")
-                    break
-                continue
-            if msg[0] in ("done", "error"):
-                running -= 1
-                if msg[0] == "error":
-                    errors.append(msg[1])
-            else:
+    with pool:
+        for done in pool.run(todo):
+            for msg in done.result:
                 handle(msg)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
-    if errors:
-        raise RuntimeError("demo worker failed:\n" + "\n".join(errors))
 
 
 def _check_demo_args(task: str, n: int, control_mode: str, workers: int, max_attempts: int) -> None:
@@ -332,9 +325,10 @@ def generate_demos(
 ) -> DemoSummary:
     """Make sure ``out_dir`` holds episodes ``0 .. n-1`` of ``task`` (see the module docstring).
 
-    Episodes already on disk are skipped. ``workers > 1`` runs that many processes on disjoint episode
-    indices (each uses one core); they are started with ``spawn``, so a calling script needs the usual
-    ``if __name__ == "__main__":`` guard. Returns (and with ``progress`` prints) a ``DemoSummary``.
+    Episodes already on disk are skipped. ``workers > 1`` runs that many processes (each uses one core) on the
+    process pool, which restarts a crashed worker (see the module docstring); they are started with ``spawn``,
+    so a calling script needs the usual ``if __name__ == "__main__":`` guard. Returns (and with ``progress``
+    prints) a ``DemoSummary``; ``PoolError`` when an episode crashed its worker ``WORKER_ATTEMPTS`` times.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -363,7 +357,8 @@ def generate_demos(
                 bar.advance(bar_id)
 
         if todo:
-            job = dict(
+            make_worker = functools.partial(
+                _DemoWorker,
                 task=task,
                 out_dir=out,
                 control_mode=control_mode,
@@ -371,11 +366,7 @@ def generate_demos(
                 seed=seed,
                 max_attempts=max_attempts,
             )
-            workers = min(workers, len(todo))
-            if workers == 1:
-                _generate(indices=todo, emit=handle, **job)
-            else:
-                _run_workers([dict(job, indices=todo[w::workers]) for w in range(workers)], handle)
+            _make_episodes(make_worker, todo, min(workers, len(todo)), handle, console.log)
     summary.missing.sort()
     summary.wall_seconds = time.perf_counter() - t_start
     console.print(str(summary), soft_wrap=True)
