@@ -54,8 +54,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # torch threads per process: pick from the free cores (docs/design-notes.md §5)
     limit_episodes: int | None = None
-    # Autocast of the forward pass: "bf16" runs the matmuls in bfloat16 (1.65x faster per step than "fp32" on
-    # this machine's avx512_bf16 CPU, docs/recipe.md); "auto" picks bf16 where oneDNN supports it natively.
+    # Autocast of the forward pass: "bf16" runs the matmuls in bfloat16 (1.65x faster per step than "fp32" on an
+    # avx512_bf16 CPU, ~12x slower where bf16 is emulated, e.g. AVX2-only; docs/recipe.md); "auto" picks bf16 only
+    # where oneDNN supports it natively.
     precision: str = "auto"
     model_overrides: dict = field(default_factory=dict)
 
