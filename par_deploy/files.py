@@ -58,5 +58,7 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
         if not p.is_file():
             raise CheckpointError(f"{p}: missing checkpoint file (cannot tell which checkpoint this is)")
         h.update(name.encode())
-        h.update(p.read_bytes())
+        with open(p, "rb") as fh:  # in chunks: a paper-sized checkpoint is not read into memory at once
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()

@@ -94,10 +94,10 @@ def _worker_main(make_worker: Callable[[], Any], conn) -> None:
                 return
             try:
                 result = worker.run(task)
+                conn.send(("result", result))  # inside the try: a result that cannot be sent is reported, not lost
             except BaseException as e:  # noqa: BLE001 - the parent restarts this worker and re-runs the task
                 conn.send(("crash", one_line(e), traceback.format_exc()))
                 return
-            conn.send(("result", result))
     finally:
         close = getattr(worker, "close", None)
         if close is not None:

@@ -108,3 +108,18 @@ def test_export_refuses_bad_batches(batched, tmp_path):
     ):
         with pytest.raises(ConfigError, match=match):
             export_bundle(ckpt, tmp_path / "b", progress=False, **kw)
+
+
+def test_refused_call_uses_no_noise_draws(batched):
+    """A call refused for one row (row 1 here) leaves every row's noise generator as it was: the next call samples
+    exactly what a policy that never saw the refused call samples."""
+    _, bundle = batched
+    refused, fresh = runtime.load_batch(bundle, seed=7), runtime.load_batch(bundle, seed=7)
+    refused.reset()
+    fresh.reset()
+    spec = refused.spec
+    good = [_obs(spec, r) for r in range(N)]
+    bad = [good[0], {"rgb": np.zeros((2, 2, 3), np.uint8), "state": good[1]["state"]}, good[2]]
+    with pytest.raises(InputError, match="row 1"):
+        refused.act_batch(bad)  # row 0 passed its checks (and drew its noise) before row 1 failed
+    np.testing.assert_array_equal(refused.act_batch(good), fresh.act_batch(good))

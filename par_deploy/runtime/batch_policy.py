@@ -78,7 +78,7 @@ class BatchPolicy(ABC):
             )
         self.bundle, self.spec, self.normalizer = bundle, bundle.spec, bundle.normalizer
         self.batch = bundle.batch
-        self.rows = [_Row(self, r, seed + r) for r in range(self.batch)]
+        self._rows = [_Row(self, r, seed + r) for r in range(self.batch)]  # private: a row's own reset is unlocked
         self._lock = threading.Lock()
         self.denoise_steps = bundle.steps
         bundle.text_prefix()  # read and checked once, at load
@@ -88,21 +88,23 @@ class BatchPolicy(ABC):
         """Start a new episode in row ``row`` (None: every row; ``seed`` then seeds row r with ``seed + r``)."""
         with self._lock:
             for r in self._row_indices(row):
-                self.rows[r].reset(instruction, None if seed is None else seed + (r if row is None else 0))
+                self._rows[r].reset(instruction, None if seed is None else seed + (r if row is None else 0))
 
     def noise_shape(self) -> tuple[int, ...]:
         """``[N, K+1, L, A]``: the ``noise`` ``act_batch`` takes (row r's draws at ``noise[r]``)."""
-        return (self.batch, *self.rows[0].noise_shape())
+        return (self.batch, *self._rows[0].noise_shape())
 
     @property
     def steps_left(self) -> list[int | float]:
         """Control steps before each row's cache is full."""
-        return [r.steps_left for r in self.rows]
+        with self._lock:
+            return [r.steps_left for r in self._rows]
 
     @property
     def last_chunk(self) -> np.ndarray:
         """Each row's last normalised chunk ``[N, L, A]`` (what its next step feeds back), a copy."""
-        return np.stack([r.last_chunk for r in self.rows])
+        with self._lock:
+            return np.stack([r.last_chunk for r in self._rows])
 
     def act_batch(self, observations, noise: np.ndarray | None = None, executed=None):
         """One control step of every active row -> chunks in controller units.
@@ -119,9 +121,15 @@ class BatchPolicy(ABC):
         with self._lock:
             _, k1, L, A = self.noise_shape()
             blocks, noises = {}, np.zeros((k1, self.batch, L, A), np.float32)  # idle rows: zeros, dropped
-            for r, o in enumerate(obs):
-                if o is not None:
-                    blocks[r], noises[:, r] = self._on_row(r, self.rows[r]._prepare, o, noise[r], executed[r])
+            rng_states = {r: self._rows[r]._rng.bit_generator.state for r, o in enumerate(obs) if o is not None}
+            try:
+                for r, o in enumerate(obs):
+                    if o is not None:
+                        blocks[r], noises[:, r] = self._on_row(r, self._rows[r]._prepare, o, noise[r], executed[r])
+            except Exception:  # a refused call uses up no row's noise draws, as a refused Policy.act
+                for r, state in rng_states.items():
+                    self._rows[r]._rng.bit_generator.state = state
+                raise
             if not blocks:
                 raise InputError("observations: every row is None; pass at least one row's observation")
             self._step(blocks)
@@ -130,7 +138,7 @@ class BatchPolicy(ABC):
             failed = []
             for r in blocks:
                 try:
-                    out[r] = self.rows[r]._finish(chunks[r])
+                    out[r] = self._rows[r]._finish(chunks[r])
                 except ActionError:
                     failed.append(r)
         if failed:
@@ -203,7 +211,7 @@ class BatchPolicy(ABC):
         prev = np.zeros((n, s.chunk_len, s.action_dim), np.float32)
         first, pos = np.zeros(n, bool), np.zeros(n, np.int64)
         for r, (o_rgb, o_state, o_prev, o_first) in blocks.items():
-            rgb[r], state[r], prev[r], first[r], pos[r] = o_rgb, o_state, o_prev, o_first, self.rows[r]._pos
+            rgb[r], state[r], prev[r], first[r], pos[r] = o_rgb, o_state, o_prev, o_first, self._rows[r]._pos
         self.step_rows(rgb, state, prev, first, pos, sorted(blocks))
 
     # -- backend hooks -------------------------------------------------------------------------
