@@ -59,7 +59,7 @@ class StepGraph(nn.Module):
 
 
 class SamplerGraph(nn.Module):
-    """noise ``[K+1,1,L,A]``, action_cond ``[1,L,D]`` -> actions ``[1,L,A]``: K denoiser calls unrolled."""
+    """noise ``[K+1,B,L,A]``, action_cond ``[B,L,D]`` -> actions ``[B,L,A]``: K denoiser calls unrolled."""
 
     def __init__(self, model: PARModel, schedule: SamplerSchedule):
         super().__init__()
@@ -72,7 +72,7 @@ class SamplerGraph(nn.Module):
 
 
 class ConditionGraph(nn.Module):
-    """action_cond ``[1,L,D]`` -> the Action-DiT's cross-attention keys/values ``[dit_depth,1,H,L,hd]``."""
+    """action_cond ``[B,L,D]`` -> the Action-DiT's cross-attention keys/values ``[dit_depth,B,H,L,hd]``."""
 
     def __init__(self, model: PARModel):
         super().__init__()
