@@ -97,11 +97,7 @@ def load(
 
         import_tensorrt()
     verified = open_bundle(bundle, backend, checkpoint)
-    if verified.batch != 1:
-        raise BundleError(
-            f"{verified.path}: this bundle runs {verified.batch} episodes per engine call; load it with "
-            "par_deploy.runtime.load_batch (BatchPolicy.act_batch), or export with --batch 1"
-        )
+    verified.require_one_episode()
     if backend == "onnx":
         from par_deploy.runtime.onnx_policy import OnnxPolicy
 

@@ -255,6 +255,14 @@ class Bundle:
         """Independent episodes per engine call (``par-deploy export --batch``)."""
         return int(self.manifest.get("batch", 1))
 
+    def require_one_episode(self) -> None:
+        """Refuse a batched bundle where one episode per call is expected (``BundleError`` names the fix)."""
+        if self.batch != 1:
+            raise BundleError(
+                f"{self.path}: this bundle runs {self.batch} episodes per engine call; load it with "
+                "par_deploy.runtime.load_batch (BatchPolicy.act_batch), or export with --batch 1"
+            )
+
     def prefix(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """Text-prefix keys/values ``[layers, 1, H, K_t, hd]`` of one instruction."""
         k, v = self.text_prefix()

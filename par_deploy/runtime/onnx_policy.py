@@ -191,11 +191,7 @@ class OnnxPolicy(BundlePolicy):
     backend = "onnx"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None):
-        if bundle.batch != 1:
-            raise BundleError(
-                f"{bundle.path}: this bundle runs {bundle.batch} episodes per engine call; load it with "
-                "par_deploy.runtime.load_batch (BatchPolicy.act_batch), or export with --batch 1"
-            )
+        bundle.require_one_episode()
         graphs = OrtGraphs(bundle, threads, providers)
         super().__init__(bundle, seed)
         self.graphs, self.sessions, self.buffers = graphs, graphs.sessions, graphs.buffers
