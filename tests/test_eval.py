@@ -640,6 +640,39 @@ def test_engine_compare_with_reference(ckpt, tmp_path):
         reference_for(engine, other)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batched_engine_eval_equals_batch_1_episodes(ckpt, tmp_path, workers):
+    """A bundle exported with --batch 3 steps 5 episodes as groups of 3 and 2 (a row sits out the second group):
+    each episode's record equals the batch-1 engine's (same seeds, same noise); a static cache that ends before
+    the limit ends every row of the group with the batch-1 error."""
+    from par_deploy.export import export_bundle
+
+    single = export_bundle(ckpt, tmp_path / "b1", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
+    batched = export_bundle(ckpt, tmp_path / "b3", backends=("onnx",), denoise_steps=4, progress=False, batch=3)
+    engine = EngineSource(str(batched.bundle_dir))
+    assert engine.batch == 3 and engine.identity()["batch"] == 3 and "batch" not in EngineSource(single).identity()
+    env = functools.partial(FakeEnv, success_from=6)
+    kw = {"episodes": 5, "seeds": (0, 1), "max_steps": 40, "env_factory": env, "progress": False}  # cache: 32 steps
+    one = evaluate("PushCube", EngineSource(str(single)), workers=0, json_path=tmp_path / "one.json", **kw).main
+    three = evaluate("PushCube", engine, workers=workers, json_path=tmp_path / "three.json", **kw).main
+    a, b = one.episodes, three.episodes
+    assert [(r.state, r.policy_seed) for r in a] == [(r.state, r.policy_seed) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert (x.success_once, x.success_step, x.length, x.control_steps) == (
+            y.success_once,
+            y.success_step,
+            y.length,
+            y.control_steps,
+        )
+        assert x.first_obs_sha1 == y.first_obs_sha1
+        np.testing.assert_allclose(x.first_chunk, y.first_chunk, atol=1e-4)
+        assert x.error is not None and y.error is not None and x.error.split(":")[0] == y.error.split(":")[0]
+    assert {r.length for r in b} == {32} and all("CacheFullError" in r.error for r in b)
+    assert len({r.pid for r in b}) == 1
+    with pytest.raises(EvalError, match="--video needs a batch-1 engine"):
+        evaluate("PushCube", engine, workers=0, video_dir=tmp_path / "v", **kw)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # No policy given: task -> shipped checkpoint -> bundle
 

@@ -139,35 +139,57 @@ class Episode:
         self.success_once, self.success_step, self.last_success = False, None, False
         self.length, self.error = 0, None
         self.act_ms: list[float] = []
+        self.obs: dict[str, np.ndarray] | None = None  # what the policy acts on next
         self._trajectory = hashlib.sha1()
+        self._rng: np.random.Generator | None = None
 
     @property
     def trajectory_sha1(self) -> str:
         return self._trajectory.hexdigest()
 
     def __iter__(self) -> Iterator[ControlStep]:
-        policy = self.policy
-        seed_globals(self.policy_seed)
-        rng = np.random.default_rng(self.policy_seed)
-        policy.reset(self.instruction, seed=self.policy_seed)
-        obs = self.first_obs = self.env.reset(seed=self.env_seed)
-        obs_sha1(obs, self._trajectory)
-        while self.length < self.max_steps:
-            noise = rng.standard_normal(policy.noise_shape()).astype(np.float32)
+        self.start()
+        while (noise := self.next_noise()) is not None:
             t0 = time.perf_counter()
             try:
-                chunk = policy.act(obs, noise=noise)
+                chunk = self.policy.act(self.obs, noise=noise)
             except POLICY_ERRORS as e:
-                self.error = f"{type(e).__name__}: {e}"
+                self.fail(e)
                 return
-            self.act_ms.append((time.perf_counter() - t0) * 1e3)
-            if self.first_chunk is None:
-                self.first_chunk = np.asarray(chunk, dtype=np.float32)
-            seen = self._execute(chunk)
-            yield ControlStep(len(self.act_ms) - 1, chunk, self.act_ms[-1], seen, self.length, self.last_success)
-            if self.stop_on_success and self.success_once:
-                return
-            obs = seen[-1]
+            yield self.advance(chunk, (time.perf_counter() - t0) * 1e3)
+
+    # The loop in parts, for a runner that acts for several episodes at once (``batched.BatchEpisodeRunner``):
+    # start(); then while next_noise() is not None: act on ``obs`` with that noise, advance(chunk) or fail(e).
+    def start(self) -> None:
+        """Seed, reset the policy with the episode's seed and the environment with its initial state."""
+        seed_globals(self.policy_seed)
+        self._rng = np.random.default_rng(self.policy_seed)
+        self.policy.reset(self.instruction, seed=self.policy_seed)
+        self.obs = self.first_obs = self.env.reset(seed=self.env_seed)
+        obs_sha1(self.obs, self._trajectory)
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.length >= self.max_steps or (self.stop_on_success and self.success_once)
+
+    def next_noise(self) -> np.ndarray | None:
+        """The noise of the next ``act`` (drawn from the episode's own generator), or None when it is over."""
+        if self.done:
+            return None
+        return self._rng.standard_normal(self.policy.noise_shape()).astype(np.float32)
+
+    def advance(self, chunk: np.ndarray, act_ms: float) -> ControlStep:
+        """Execute the chunk the policy returned for ``obs``; ``obs`` becomes the last observation."""
+        self.act_ms.append(act_ms)
+        if self.first_chunk is None:
+            self.first_chunk = np.asarray(chunk, dtype=np.float32)
+        seen = self._execute(chunk)
+        self.obs = seen[-1]
+        return ControlStep(len(self.act_ms) - 1, chunk, act_ms, seen, self.length, self.last_success)
+
+    def fail(self, error: BaseException) -> None:
+        """The policy refused to act (a ``POLICY_ERRORS`` error): the episode ends as a failure with its reason."""
+        self.error = f"{type(error).__name__}: {error}"
 
     def _execute(self, chunk: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Step the environment with the chunk's actions until it ends, the limit, or (stop_on_success) a success."""

@@ -8,9 +8,14 @@ killed and restarted and its episode re-run, at most ``max_retries`` times; the 
 ``crashed: true`` (never dropped; a resumed evaluation re-runs it). A worker that cannot start (the policy or
 the simulator does not load) stops the evaluation with one line naming the cause and the fix;
 ``PAR_DEBUG=1`` also prints the worker's traceback. ``InlineRollouts`` (``workers=0``) runs in the calling
-process with no isolation. No GPU-vectorised backend is included: it would need batched policies (the engines
-are batch-1 with a static cache) and it cannot be run here; it would implement the same ``Rollouts`` protocol
-over ``gym.make(..., num_envs=N, sim_backend="physx_cuda")``.
+process with no isolation.
+
+A batched engine (``par-deploy export --batch N``) makes each task a group of up to N episodes that one
+worker steps in lockstep through one engine call per control step (``batched.BatchEpisodeRunner``, one
+environment per episode); the per-task timeout then scales with the group, and a group that fails every
+attempt records each of its episodes as crashed. No GPU-vectorised simulator backend is included (it cannot be
+run here); it would implement the same ``Rollouts`` protocol over ``gym.make(..., num_envs=N,
+sim_backend="physx_cuda")`` with the same batched policies.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from par_deploy.eval.batched import BatchEpisodeRunner
 from par_deploy.eval.episode import EpisodeRecord, EpisodeRunner
 from par_deploy.eval.protocol import (
     DEFAULT_RETRIES,
@@ -68,6 +74,11 @@ class RolloutSetup:
         return EpisodeRecord.crashed_job(job, self.state_seed_base, self.stop_on_success, reasons)
 
 
+def _task_name(task) -> str:
+    jobs = task if isinstance(task, tuple) else (task,)
+    return ", ".join(f"state {job.state} seed {job.policy_seed}" for job in jobs)
+
+
 class Rollouts(Protocol):
     """Runs episode jobs of one ``RolloutSetup`` and calls ``on_record`` (in the caller's thread) once per job.
 
@@ -79,18 +90,36 @@ class Rollouts(Protocol):
     def close(self) -> None: ...
 
 
+def make_runner(setup: RolloutSetup):
+    """The worker of ``setup``: an ``EpisodeRunner`` (task: one job), or a ``BatchEpisodeRunner`` (task: a tuple
+    of jobs) for a batched engine."""
+    return BatchEpisodeRunner(setup) if setup.policy.batch > 1 else EpisodeRunner(setup)
+
+
+def tasks_of(jobs: Sequence[EpisodeJob], batch: int) -> list:
+    """The pool's tasks: the jobs themselves (batch 1) or consecutive groups of ``batch`` jobs."""
+    jobs = list(jobs)
+    return jobs if batch == 1 else [tuple(jobs[i : i + batch]) for i in range(0, len(jobs), batch)]
+
+
+def records_of(result) -> list[EpisodeRecord]:
+    """A worker's result (one record, or a group's list) as a list."""
+    return list(result) if isinstance(result, list) else [result]
+
+
 class InlineRollouts:
     """Episodes in the calling process (``workers=0``): no isolation, no timeout; an exception propagates."""
 
     def __init__(self, setup: RolloutSetup):
         self.setup = setup
-        self._runner: EpisodeRunner | None = None
+        self._runner = None
 
     def run(self, jobs: Sequence[EpisodeJob], on_record: OnRecord) -> None:
         if jobs and self._runner is None:
-            self._runner = EpisodeRunner(self.setup)
-        for job in jobs:
-            on_record(self._runner.run(job))
+            self._runner = make_runner(self.setup)
+        for task in tasks_of(jobs, self.setup.policy.batch):
+            for record in records_of(self._runner.run(task)):
+                on_record(record)
 
     def close(self) -> None:
         if self._runner is not None:
@@ -115,15 +144,15 @@ class ProcessPoolRollouts:
     ):
         if workers < 1:
             raise EvalError(f"workers must be >= 1, got {workers}")
-        self.setup = setup
+        self.setup, self.batch = setup, setup.policy.batch
         self._pool = WorkerPool(
-            functools.partial(EpisodeRunner, setup),
+            functools.partial(make_runner, setup),
             workers=workers,
             max_attempts=max_retries + 1,
-            timeout=timeout,
+            timeout=timeout * self.batch,  # a group of N episodes runs N environments
             startup_timeout=max(timeout, STARTUP_TIMEOUT),  # imports, policy load, Vulkan/scene set-up
             keep_failures=True,  # an episode that fails every attempt is recorded as crashed
-            name=lambda job: f"state {job.state} seed {job.policy_seed}",
+            name=_task_name,
             label=setup.label,
             env={"OMP_NUM_THREADS": str(setup.policy.threads), "LP_NUM_THREADS": "0"},
             log=log,
@@ -135,8 +164,9 @@ class ProcessPoolRollouts:
 
     def run(self, jobs: Sequence[EpisodeJob], on_record: OnRecord) -> None:
         try:
-            for done in self._pool.run(jobs):
-                on_record(self._record(done))
+            for done in self._pool.run(tasks_of(jobs, self.batch)):
+                for record in self._records(done):
+                    on_record(record)
         except WorkerStartError as e:
             s = self.setup
             fix = "" if e.is_par_error else "; run with --workers 0 (or PAR_DEBUG=1) to see the traceback"
@@ -146,12 +176,14 @@ class ProcessPoolRollouts:
         except PoolError as e:
             raise EvalError(str(e)) from None
 
-    def _record(self, done: TaskDone) -> EpisodeRecord:
+    def _records(self, done: TaskDone) -> list[EpisodeRecord]:
+        jobs = done.task if isinstance(done.task, tuple) else (done.task,)
         if done.failed:
-            return self.setup.crash_record(done.task, done.reasons)
-        record: EpisodeRecord = done.result
-        record.attempts, record.retry_reasons = done.attempts, done.reasons
-        return record
+            return [self.setup.crash_record(job, done.reasons) for job in jobs]
+        records = records_of(done.result)
+        for record in records:
+            record.attempts, record.retry_reasons = done.attempts, done.reasons
+        return records
 
     def close(self) -> None:
         self._pool.close()

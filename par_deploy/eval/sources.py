@@ -48,6 +48,11 @@ class PolicySource(ABC):
     label: str = "policy"
     threads: int = 1
 
+    @property
+    def batch(self) -> int:
+        """Episodes per policy call: 1, or N for a batched engine (whose ``load`` returns a ``BatchPolicy``)."""
+        return 1
+
     @abstractmethod
     def info(self) -> SourceInfo: ...
 
@@ -143,6 +148,7 @@ class EngineSource(PolicySource):
 
     def identity(self) -> dict[str, Any]:
         m = self.manifest()
+        batch = {"batch": int(m["batch"])} if m.get("batch", 1) > 1 else {}  # batch-1 results keep their identity
         return {
             "kind": "engine",
             "checkpoint_hash": m["checkpoint_hash"],
@@ -150,11 +156,21 @@ class EngineSource(PolicySource):
             "precision": m["precision"],
             "sampler": m["sampler"]["kind"],
             "steps": int(m["sampler"]["steps"]),
+            **batch,
         }
 
-    def load(self):
-        from par_deploy.runtime import load
+    @property
+    def batch(self) -> int:
+        return int(self.manifest().get("batch", 1))
 
+    def load(self):
+        """``runtime.load`` (a ``Policy``), or ``runtime.load_batch`` (a ``BatchPolicy``) for a batched bundle."""
+        from par_deploy.runtime import load, load_batch
+
+        if self.batch > 1:
+            if self.backend != "onnx":
+                raise EvalError(f"{self.path}: batched bundles run on ONNX Runtime; pass --backend onnx")
+            return load_batch(self.path, threads=self.threads)
         return load(self.path, backend=self.backend, threads=self.threads)
 
 
