@@ -66,11 +66,12 @@ def _deprecated_option(old: str):
     return typer.Option(old, hidden=True, help=f"Deprecated spelling of another option ({old}).")
 
 
-def _renamed(value, default, old_value, old: str, new: str):
-    """The value of option ``new``, or of its deprecated spelling ``old`` (a warning on stderr; both: an error)."""
+def _renamed(ctx: typer.Context, name: str, old_value, old: str, new: str):
+    """The value of option ``new`` (parameter ``name``), or of its deprecated spelling ``old`` (a warning on
+    stderr; both given, even ``new`` at its default value: an error)."""
     if old_value is None:
-        return value
-    if value != default:
+        return ctx.params[name]
+    if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP"):  # typer vendors click: by name
         raise ConfigError(f"{old} and {new} are the same option ({old} is its old spelling); give {new} only")
     typer.secho(f"warning: {old} is deprecated here; use {new}", fg=typer.colors.YELLOW, err=True)
     return old_value
@@ -89,6 +90,7 @@ def info(
 
 @command()
 def demo(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option(help="Task whose shipped checkpoint runs (PushCube, ...).")] = "PushCube",
     checkpoint: Annotated[Path | None, typer.Option(help="Run this checkpoint instead of the task's.")] = None,
     control_steps: Annotated[
@@ -100,7 +102,7 @@ def demo(
     """The main job on the embedded default: export the checkpoint to ONNX, drive a ManiSkill episode with it."""
     from par_deploy.describe import run_demo
 
-    run_demo(task, checkpoint, _renamed(control_steps, 0, old_steps, "--steps", "--control-steps"), seed)
+    run_demo(task, checkpoint, _renamed(ctx, "control_steps", old_steps, "--steps", "--control-steps"), seed)
 
 
 @command()
@@ -133,6 +135,7 @@ def demos(
 
 @command()
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Demonstration directory written by `par-deploy demos`.")],
     out: Annotated[Path, typer.Option(help="Run directory (state, metrics, checkpoints). Resumes if present.")],
     preset: Annotated[str, typer.Option(help="Model preset: tiny, cpu-small or paper.")] = "cpu-small",
@@ -164,7 +167,7 @@ def train(
 
     overrides = _model_overrides(model)
     tc = TrainConfig(
-        steps=_renamed(optimizer_steps, 3000, old_steps, "--steps", "--optimizer-steps"),
+        steps=_renamed(ctx, "optimizer_steps", old_steps, "--steps", "--optimizer-steps"),
         batch_size=batch_size,
         lr=lr,
         warmup=warmup,
@@ -221,6 +224,7 @@ def init_checkpoint(
 
 @command()
 def render(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     data: Annotated[Path, typer.Option(help="Demonstration directory.")],
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("predicted_frames.png"),
@@ -231,7 +235,7 @@ def render(
     """Predicted frames beside the real ones for one episode (real row over predicted row, paper Fig. 4)."""
     from par_deploy.render import render_predictions
 
-    steps = _renamed(frame_ddim_steps, 10, old_steps, "--steps", "--frame-ddim-steps")
+    steps = _renamed(ctx, "frame_ddim_steps", old_steps, "--steps", "--frame-ddim-steps")
     typer.echo(str(render_predictions(checkpoint, data, episode, out, steps)))
 
 
@@ -298,8 +302,7 @@ def export(
         overwrite=overwrite,
         batch=batch,
     )
-    typer.echo(report.summary())
-    if report_json:
+    if report_json:  # export_bundle printed the summary (progress)
         report_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
@@ -382,6 +385,7 @@ _SERVER_HELP = (
 
 @command(name="eval")
 def evaluate(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
     engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
     checkpoint: Annotated[
@@ -434,7 +438,7 @@ def evaluate(
         checkpoint,
         backend=backend,
         sampler=sampler,
-        steps=_renamed(denoise_steps, None, old_steps, "--steps", "--denoise-steps"),
+        steps=_renamed(ctx, "denoise_steps", old_steps, "--steps", "--denoise-steps"),
         episodes=episodes,
         states=states,
         seeds=seeds,
@@ -444,7 +448,7 @@ def evaluate(
         json_path=json_out,
         video_dir=video,
         compare=compare,
-        max_steps=_renamed(max_env_steps, None, old_max_steps, "--max-steps", "--max-env-steps"),
+        max_steps=_renamed(ctx, "max_env_steps", old_max_steps, "--max-steps", "--max-env-steps"),
         control_mode=control_mode,
         stop_on_success=stop_on_success,
         timeout=timeout,

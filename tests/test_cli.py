@@ -126,3 +126,11 @@ def test_old_steps_spelling_still_works_with_a_warning(tmp_path):
     assert result.exit_code == 2 and "missing" in result.output  # then it runs as --control-steps 1 would
     result = runner.invoke(app, ["demo", "--checkpoint", missing, "--steps", "1", "--control-steps", "2"])
     assert result.exit_code == 2 and "same option" in result.output
+    # the new spelling given at its default value still counts as given (it used to lose to the old one)
+    for args in (
+        ["demo", "--control-steps", "0", "--steps", "5"],
+        ["train", "d", "--out", "o", "--optimizer-steps", "3000", "--steps", "5"],
+        ["eval", "--max-env-steps", "10", "--max-steps", "5"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "same option" in result.output, args
