@@ -224,9 +224,9 @@ class OnnxBatchPolicy(BatchPolicy):
     backend = "onnx"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, seed: int = 0, providers: list[str] | None = None):
-        graphs = OrtGraphs(bundle, threads, providers)
-        super().__init__(bundle, seed)
-        self.graphs, self.buffers = graphs, graphs.buffers
+        super().__init__(bundle, seed)  # refuses a bundle it cannot run before any session is created
+        self.graphs = OrtGraphs(bundle, threads, providers)
+        self.buffers = self.graphs.buffers
 
     def _reset_row(self, row: int, instruction: str) -> None:
         self.graphs.reset_row(row, instruction)
