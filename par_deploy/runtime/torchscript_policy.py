@@ -101,12 +101,8 @@ class TorchScriptPolicy(BundlePolicy):
         torch = self._torch
         b = self.buffers
         with torch.inference_mode():
-            b["rgb"][0] = torch.from_numpy(rgb)
-            if "state" in b:
-                b["state"][0] = torch.from_numpy(state)
-            b["prev_actions"][0] = torch.from_numpy(prev_chunk)
-            b["first"][0] = bool(first)
-            b["pos"][0] = step
+            rgb, state, prev_chunk = (torch.from_numpy(a) for a in (rgb, state, prev_chunk))
+            self.stage_block(b, rgb, state, prev_chunk, first, step)
             cond, frame_hidden, new_k, new_v = self._call("step")
             b["action_cond"], b["frame_hidden"] = cond, frame_hidden
             s = self.slot(step)  # Policy.act guarantees step < max_blocks, so the block fits
