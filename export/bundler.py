@@ -82,11 +82,12 @@ class ExportReport:
         ]
         for b in self.backends:
             p = self.parity.get(b, {})
-            diffs = [p.get(k, float("nan")) for k in ("hidden_max_abs", "cond_max_abs", "actions_max_abs")]
+            keys = ("hidden_max_abs", "cond_max_abs", "sampler_max_abs", "actions_max_abs")
+            diffs = [p.get(k, float("nan")) for k in keys]
             lines.append(
                 f"  {b:12s} export {self.seconds.get(b, 0.0):6.1f} s  {self.backend_bytes(b) / 1e6:7.2f} MB  "
-                f"parity: hidden {diffs[0]:.1e}, cond {diffs[1]:.1e}, actions {diffs[2]:.1e} "
-                f"({'ok' if p.get('passed') else 'FAILED'})"
+                f"parity: hidden {diffs[0]:.1e}, cond {diffs[1]:.1e}, sampler {diffs[2]:.1e}, end-to-end actions "
+                f"{diffs[3]:.1e} ({'ok' if p.get('passed') else 'FAILED'})"
             )
         return "\n".join(lines)
 

@@ -336,3 +336,24 @@ def test_export_checks_catch_silent_exporter_failures(tmp_path):
     other = (torch.randn(1, 4), torch.tensor([4]), torch.randn(6, 4))
     with pytest.raises(ExportError, match="baked in"):
         export_torchscript(_BakedPositionStep(), ts_spec, args, other, tmp_path / "baked.pt")
+
+
+@pytest.mark.parametrize("part", ["action_head", "transformer"])
+def test_parity_report_fails_a_wrong_graph(tiny, part):
+    """The engine against a reference whose Action-DiT (or transformer) has one weight off by 0.05: the sampler
+    check (or the hidden/condition check) fails, the other graph's check still passes."""
+    from par_deploy.export.parity import parity_report
+
+    ckpt, report = tiny
+    model, normalizer = from_pretrained(ckpt)
+    engine = load_policy(report.bundle_dir, "onnx", threads=1)
+    assert parity_report(model, normalizer, engine)["passed"]
+    weight = next(p for n, p in model.named_parameters() if n.startswith(part) and p.ndim == 2)
+    with torch.no_grad():
+        weight[0, 0] += 0.05
+    p = parity_report(model, normalizer, engine)
+    assert not p["passed"]
+    if part == "action_head":
+        assert p["sampler_over_tolerance"] > 1 and p["cond_max_abs"] <= p["tolerance"]["cond"]
+    else:
+        assert p["cond_max_abs"] > p["tolerance"]["cond"] or p["hidden_max_abs"] > p["tolerance"]["hidden"]
