@@ -39,6 +39,7 @@ from par_deploy.runtime.bundle import (
     GraphSpec,
     cache_layout,
     check_batch,
+    check_batch_cache,
     file_entry,
     graph_specs,
     text_prefix_shape,
@@ -187,6 +188,7 @@ def export_bundle(
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
         model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps)
+    check_batch_cache(model.cfg, batch, checkpoint_dir)
     _prepare_dir(root, overwrite)
     sampler_graph = _sampler_graph(sampler_graph, denoise_steps)
     schedule = model.sampler(sampler, denoise_steps)

@@ -11,6 +11,7 @@ from par_deploy import runtime
 from par_deploy.errors import CacheFullError, ConfigError, InputError
 from par_deploy.export import export_bundle
 from par_deploy.runtime.bundle import BundleError, open_bundle
+from par_deploy.synthetic import randomized_checkpoint
 
 torch.set_num_threads(1)
 N = 3
@@ -108,6 +109,13 @@ def test_export_refuses_bad_batches(batched, tmp_path):
     ):
         with pytest.raises(ConfigError, match=match):
             export_bundle(ckpt, tmp_path / "b", progress=False, **kw)
+    sliding = randomized_checkpoint("tiny", tmp_path / "sliding", scale=0.05, max_blocks=4, overflow="slide")
+    with pytest.raises(ConfigError, match="static cache"):  # refused before anything is written
+        export_bundle(sliding, tmp_path / "s", progress=False, batch=2)
+    assert not (tmp_path / "s").exists()
+    one = export_bundle(sliding, tmp_path / "s", progress=False, backends=("onnx",), denoise_steps=2).bundle_dir
+    with pytest.raises(ConfigError, match="static cache"):
+        runtime.load_batch(one)  # a sliding bundle is refused as a one-row BatchPolicy too
 
 
 def test_refused_call_uses_no_noise_draws(batched):

@@ -25,8 +25,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from par_deploy.errors import ActionError, ConfigError, InputError, ParError
-from par_deploy.runtime.bundle import Bundle
+from par_deploy.errors import ActionError, InputError, ParError
+from par_deploy.runtime.bundle import Bundle, check_batch_cache
 from par_deploy.runtime.policy import Policy
 
 
@@ -70,12 +70,7 @@ class BatchPolicy(ABC):
     backend: str = ""
 
     def __init__(self, bundle: Bundle, seed: int = 0):
-        if bundle.config.overflow == "slide":
-            raise ConfigError(
-                f"{bundle.path}: batched engines run checkpoints with a static cache (overflow 'error'); this one "
-                "slides its cache, which would stall the other rows while one re-encodes: use runtime.load "
-                "(one episode per policy)"
-            )
+        check_batch_cache(bundle.config, max(bundle.batch, 2), bundle.path)  # a one-row BatchPolicy too
         self.bundle, self.spec, self.normalizer = bundle, bundle.spec, bundle.normalizer
         self.batch = bundle.batch
         self._rows = [_Row(self, r, seed + r) for r in range(self.batch)]  # private: a row's own reset is unlocked
