@@ -44,13 +44,14 @@ from par_deploy.bench.batch import batch_sweep
 from par_deploy.bench.report import ProgressBar, plot_result, print_report
 from par_deploy.bench.timing import interleaved, summarize
 from par_deploy.errors import ParError
-from par_deploy.locate import source_checkpoint, task_bundle
+from par_deploy.locate import portable_path, source_checkpoint, task_bundle
 
 SCHEMA = "par-bench"
 SCHEMA_VERSION = 1
 TARGETS = {  # issue: bench targets, measured as ratios in one run
     "control_step_speedup_vs_train_schedule": (">=", 20.0),
-    "control_step_speedup_vs_same_k": (">=", 2.0),
+    "control_step_speedup_vs_same_k": (">=", 3.0),  # issue #10 (an earlier issue asked for 2x)
+    "transformer_step_speedup": (">=", 2.0),  # issue #10
     "engine_full_cache_over_one_block": ("<=", 1.2),
     "engine_over_reference_peak_memory": ("<=", 0.5),
     "engine_control_step_fraction_of_sgemm": (">=", 0.5),  # issue #10: of the 512^3 one-thread sgemm rate
@@ -328,8 +329,8 @@ def bench(bundle: str | Path, reference: str | Path | None = None, options: Benc
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
-        "bundle": str(s.bundle),
-        "reference": str(s.ckpt),
+        "bundle": portable_path(s.bundle),  # the JSON is meant for docs/: no machine path
+        "reference": portable_path(s.ckpt),
         "config": {
             "preset_dims": {k: getattr(s.cfg, k) for k in ("dim", "depth", "block_len", "max_blocks")},
             "sampler": s.kind,

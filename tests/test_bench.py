@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_bench_json_schema_and_figures(tiny_bundle, tmp_path):
     result = bench(tiny_bundle / "bundle", None, opt)
     result = json.loads(json.dumps(result))  # what --json writes
     assert result["schema"] == "par-bench" and result["version"] == 1
+    assert not any(Path(result[k]).is_absolute() for k in ("bundle", "reference"))  # the JSON is for docs/
     for key in ("machine", "components_ms", "history_ms", "k_ms", "memory", "ratios", "targets", "load_s"):
         assert key in result
     cases = {
