@@ -387,7 +387,10 @@ _SERVER_HELP = (
 def evaluate(
     ctx: typer.Context,
     task: Annotated[str, typer.Option(help="PushCube, PickCube or StackCube.")] = "PushCube",
-    engine: Annotated[Path | None, typer.Option(help="Bundle directory (engine).")] = None,
+    engine: Annotated[
+        Path | None,
+        typer.Option(help="Bundle directory (engine); exported with --batch N: N episodes per worker call."),
+    ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option(
