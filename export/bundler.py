@@ -188,7 +188,8 @@ def export_bundle(
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
         model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps)
-    check_batch_cache(model.cfg, batch, checkpoint_dir)
+    if batch > 1:
+        check_batch_cache(model.cfg, checkpoint_dir)
     _prepare_dir(root, overwrite)
     sampler_graph = _sampler_graph(sampler_graph, denoise_steps)
     schedule = model.sampler(sampler, denoise_steps)

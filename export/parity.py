@@ -157,9 +157,7 @@ def parity_report(
 @torch.no_grad()
 def _compare_step(model, ref, engine, noise, diffs: dict, scale: dict, tol_actions: float, perturb) -> None:
     """Update ``diffs`` / ``scale`` with one control step of ``engine`` against ``ref`` (see ``parity_report``)."""
-    h = ref.last_hidden
-    cond = model.action_condition(h)[0].numpy()
-    frame = h[0, : model.cfg.frame_tokens].numpy()
+    cond, frame = ref.last_action_cond, ref.last_frame_hidden  # what the reference sampled from, [L, D] / [K_o, D]
     scale["hidden"] = max(scale["hidden"], float(np.abs(frame).max()))
     scale["cond"] = max(scale["cond"], float(np.abs(cond).max()))
     diffs["hidden"] = max(diffs["hidden"], float(np.abs(engine.last_frame_hidden - frame).max()))

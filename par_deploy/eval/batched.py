@@ -28,7 +28,6 @@ class _RowView:
 
     def __init__(self, batch, row: int):
         self.batch, self.row = batch, row
-        self.spec = batch.spec
 
     def reset(self, instruction: str, seed: int | None = None) -> None:
         self.batch.reset(instruction, seed=seed, row=self.row)

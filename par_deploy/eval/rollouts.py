@@ -74,9 +74,13 @@ class RolloutSetup:
         return EpisodeRecord.crashed_job(job, self.state_seed_base, self.stop_on_success, reasons)
 
 
+def jobs_of(task) -> tuple[EpisodeJob, ...]:
+    """The jobs of a pool task (``tasks_of``): one job, or a group's tuple."""
+    return task if isinstance(task, tuple) else (task,)
+
+
 def _task_name(task) -> str:
-    jobs = task if isinstance(task, tuple) else (task,)
-    return ", ".join(f"state {job.state} seed {job.policy_seed}" for job in jobs)
+    return ", ".join(f"state {job.state} seed {job.policy_seed}" for job in jobs_of(task))
 
 
 class Rollouts(Protocol):
@@ -177,9 +181,8 @@ class ProcessPoolRollouts:
             raise EvalError(str(e)) from None
 
     def _records(self, done: TaskDone) -> list[EpisodeRecord]:
-        jobs = done.task if isinstance(done.task, tuple) else (done.task,)
         if done.failed:
-            return [self.setup.crash_record(job, done.reasons) for job in jobs]
+            return [self.setup.crash_record(job, done.reasons) for job in jobs_of(done.task)]
         records = records_of(done.result)
         for record in records:
             record.attempts, record.retry_reasons = done.attempts, done.reasons

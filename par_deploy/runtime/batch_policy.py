@@ -70,7 +70,7 @@ class BatchPolicy(ABC):
     backend: str = ""
 
     def __init__(self, bundle: Bundle, seed: int = 0):
-        check_batch_cache(bundle.config, max(bundle.batch, 2), bundle.path)  # a one-row BatchPolicy too
+        check_batch_cache(bundle.config, bundle.path)  # a one-row BatchPolicy too
         self.bundle, self.spec, self.normalizer = bundle, bundle.spec, bundle.normalizer
         self.batch = bundle.batch
         self._rows = [_Row(self, r, seed + r) for r in range(self.batch)]  # private: a row's own reset is unlocked

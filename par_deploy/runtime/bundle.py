@@ -150,9 +150,9 @@ def check_batch(batch: object) -> int:
     return batch
 
 
-def check_batch_cache(cfg: PARConfig, batch: int, source: object) -> None:
-    """Batched engines need a static cache: refuse a sliding one (``overflow "slide"``) for ``batch > 1``."""
-    if batch > 1 and cfg.overflow == "slide":
+def check_batch_cache(cfg: PARConfig, source: object) -> None:
+    """Batched engines need a static cache: refuse a sliding one (``overflow "slide"``)."""
+    if cfg.overflow == "slide":
         raise ConfigError(
             f"{source}: batched engines run checkpoints with a static cache (overflow 'error'); this one slides its "
             "cache, which would stall the other rows while one re-encodes: export it with batch 1 and load it with "
