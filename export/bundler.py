@@ -187,9 +187,7 @@ def export_bundle(
     root = Path(out_dir)
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
-        model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps)
-    if batch > 1:
-        check_batch_cache(model.cfg, checkpoint_dir)
+        model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps, batch)
     _prepare_dir(root, overwrite)
     sampler_graph = _sampler_graph(sampler_graph, denoise_steps)
     schedule = model.sampler(sampler, denoise_steps)
@@ -247,10 +245,12 @@ def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
     seconds[key] = time.perf_counter() - t0
 
 
-def _load_checkpoint(checkpoint_dir: str | Path, denoise_steps: int):
-    """(model, normalizer, checkpoint hash) of an exportable checkpoint."""
+def _load_checkpoint(checkpoint_dir: str | Path, denoise_steps: int, batch: int):
+    """(model, normalizer, checkpoint hash) of a checkpoint exportable with these options."""
     model, normalizer = from_pretrained(checkpoint_dir)
     check_exportable(model)
+    if batch > 1:
+        check_batch_cache(model.cfg, checkpoint_dir)
     if denoise_steps > model.cfg.train_timesteps:
         raise ConfigError(
             f"denoise_steps={denoise_steps} exceeds the checkpoint's train_timesteps={model.cfg.train_timesteps}"
