@@ -39,7 +39,6 @@ from par_deploy.runtime.bundle import (
     GraphSpec,
     cache_layout,
     check_batch,
-    check_batch_cache,
     file_entry,
     graph_specs,
     text_prefix_shape,
@@ -187,7 +186,7 @@ def export_bundle(
     root = Path(out_dir)
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
-        model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps, batch)
+        model, normalizer, ckpt_hash = _load_checkpoint(checkpoint_dir, denoise_steps)
     _prepare_dir(root, overwrite)
     sampler_graph = _sampler_graph(sampler_graph, denoise_steps)
     schedule = model.sampler(sampler, denoise_steps)
@@ -245,12 +244,10 @@ def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
     seconds[key] = time.perf_counter() - t0
 
 
-def _load_checkpoint(checkpoint_dir: str | Path, denoise_steps: int, batch: int):
+def _load_checkpoint(checkpoint_dir: str | Path, denoise_steps: int):
     """(model, normalizer, checkpoint hash) of a checkpoint exportable with these options."""
     model, normalizer = from_pretrained(checkpoint_dir)
     check_exportable(model)
-    if batch > 1:
-        check_batch_cache(model.cfg, checkpoint_dir)
     if denoise_steps > model.cfg.train_timesteps:
         raise ConfigError(
             f"denoise_steps={denoise_steps} exceeds the checkpoint's train_timesteps={model.cfg.train_timesteps}"

@@ -109,13 +109,34 @@ def test_export_refuses_bad_batches(batched, tmp_path):
     ):
         with pytest.raises(ConfigError, match=match):
             export_bundle(ckpt, tmp_path / "b", progress=False, **kw)
-    sliding = randomized_checkpoint("tiny", tmp_path / "sliding", scale=0.05, max_blocks=4, overflow="slide")
-    with pytest.raises(ConfigError, match="static cache"):  # refused before anything is written
-        export_bundle(sliding, tmp_path / "s", progress=False, batch=2)
-    assert not (tmp_path / "s").exists()
-    one = export_bundle(sliding, tmp_path / "s", progress=False, backends=("onnx",), denoise_steps=2).bundle_dir
-    with pytest.raises(ConfigError, match="static cache"):
-        runtime.load_batch(one)  # a sliding bundle is refused as a one-row BatchPolicy too
+
+
+def test_sliding_rows_equal_separate_batch_1_runs(tmp_path):
+    """A sliding cache slides per row: rows that sit out slide at a later call than the others, a row reset
+    mid-way slides later still, and every row's chunks equal a batch-1 engine's through several slides."""
+    ckpt = randomized_checkpoint("tiny", tmp_path / "ckpt", scale=0.05, max_blocks=4, overflow="slide")
+    kw = dict(backends=("onnx",), denoise_steps=2, progress=False)
+    single = export_bundle(ckpt, tmp_path / "b1", **kw).bundle_dir
+    report = export_bundle(ckpt, tmp_path / "bn", batch=N, **kw)
+    assert report.parity["onnx"]["passed"]
+    policy, singles = runtime.load_batch(report.bundle_dir), [runtime.load(single) for _ in range(N)]
+    policy.reset()
+    for p in singles:
+        p.reset()
+    rng = np.random.default_rng(1)
+    # max_blocks 4: row 0 slides alone at step 4, rows 0 and 1 together at steps 6, 8, 10, row 2 alone at step 9
+    for step in range(11):
+        if step == 5:
+            policy.reset(row=2)
+            singles[2].reset()
+        active = [r for r in range(N) if not (r == 1 and step in (2, 3))]
+        obs = [_obs(policy.spec, 10 * step + r) if r in active else None for r in range(N)]
+        noise = rng.standard_normal(policy.noise_shape()).astype(np.float32)
+        chunks = policy.act_batch(obs, noise=noise)
+        for r in active:
+            np.testing.assert_allclose(chunks[r], singles[r].act(obs[r], noise=noise[r]), atol=1e-4, rtol=0)
+    assert [p._pos for p in singles] == [r._pos for r in policy._rows] == [3, 3, 4]
+    assert policy.steps_left == [float("inf")] * N
 
 
 def test_refused_call_uses_no_noise_draws(batched):

@@ -14,8 +14,9 @@ Each row follows exactly the contract of ``Policy.act`` (validation, feedback of
 ``executed``, ``CacheFullError`` at the end of its cache, ``ActionError`` on a non-finite action), because each
 row *is* a ``Policy`` whose engine hooks are served by the batched call. A row that sits out (``None``) keeps
 its cache and step; the engine still computes its row (the graphs have static shapes) and its result is
-dropped. A checkpoint with a sliding cache (``overflow "slide"``) is refused: re-encoding one row's window
-would stall the others.
+dropped. A sliding cache (``overflow "slide"``, checkpoints trained with ``--window``) slides per row: the rows
+whose caches are full re-encode their kept blocks together, one engine call per kept block, while the other rows
+sit out those calls (rows started together, as in an evaluation, slide at the same step).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from par_deploy.errors import ActionError, InputError, ParError
-from par_deploy.runtime.bundle import Bundle, check_batch_cache
+from par_deploy.runtime.bundle import Bundle
 from par_deploy.runtime.policy import Policy
 
 
@@ -59,6 +60,10 @@ class _Row(Policy):
     def sample(self, noise: np.ndarray) -> np.ndarray:  # pragma: no cover - the batch runs the engine
         raise RuntimeError("a batch row is sampled by BatchPolicy.act_batch")
 
+    def _slide(self) -> None:
+        """Deferred: the batch re-encodes every full row together once all rows' inputs have passed."""
+        self._batch._sliding.append(self._row)
+
 
 class BatchPolicy(ABC):
     """N episodes per engine call. ``act_batch`` takes a stacked dict (every row acts) or a list of N
@@ -70,11 +75,11 @@ class BatchPolicy(ABC):
     backend: str = ""
 
     def __init__(self, bundle: Bundle, seed: int = 0):
-        check_batch_cache(bundle.config, bundle.path)  # a one-row BatchPolicy too
         self.bundle, self.spec, self.normalizer = bundle, bundle.spec, bundle.normalizer
         self.batch = bundle.batch
         self._rows = [_Row(self, r, seed + r) for r in range(self.batch)]  # private: a row's own reset is unlocked
         self._lock = threading.Lock()
+        self._sliding: list[int] = []  # rows whose full cache slides before this call's block
         self.denoise_steps = bundle.steps
         bundle.text_prefix()  # read and checked once, at load
 
@@ -117,17 +122,21 @@ class BatchPolicy(ABC):
             _, k1, L, A = self.noise_shape()
             blocks, noises = {}, np.zeros((k1, self.batch, L, A), np.float32)  # idle rows: zeros, dropped
             rng_states = {r: self._rows[r]._rng.bit_generator.state for r, o in enumerate(obs) if o is not None}
+            self._sliding = []
             try:
                 for r, o in enumerate(obs):
                     if o is not None:
                         blocks[r], noises[:, r] = self._on_row(r, self._rows[r]._prepare, o, noise[r], executed[r])
-            except Exception:  # a refused call uses up no row's noise draws, as a refused Policy.act
+            except Exception:  # a refused call uses up no row's noise draws and slides nothing, as Policy.act
                 for r, state in rng_states.items():
                     self._rows[r]._rng.bit_generator.state = state
                 raise
             if not blocks:
                 raise InputError("observations: every row is None; pass at least one row's observation")
+            self._slide_rows(self._sliding)
             self._step(blocks)
+            for r, block in blocks.items():
+                self._rows[r]._remember(block)
             chunks = self.sample_rows(noises)
             out: list[np.ndarray | None] = [None] * self.batch
             failed = []
@@ -198,16 +207,29 @@ class BatchPolicy(ABC):
         except (ParError, ValueError, TypeError, RuntimeError) as e:
             raise type(e)(f"row {r}: {e}") from None
 
-    def _step(self, blocks: dict) -> None:
-        """Stage every row's block (idle rows: their last inputs, results dropped) and run the step graph."""
+    def _step(self, blocks: dict, pos: int | None = None) -> None:
+        """Stage every row's block (idle rows: zeros, results dropped) at its row's position (or ``pos``) and run
+        the step graph."""
         s, n = self.spec, self.batch
         rgb = np.zeros((n, s.num_cameras, s.image_size, s.image_size, 3), np.uint8)
         state = np.zeros((n, s.state_dim), np.float32)
         prev = np.zeros((n, s.chunk_len, s.action_dim), np.float32)
-        first, pos = np.zeros(n, bool), np.zeros(n, np.int64)
+        first, positions = np.zeros(n, bool), np.zeros(n, np.int64)
         for r, (o_rgb, o_state, o_prev, o_first) in blocks.items():
-            rgb[r], state[r], prev[r], first[r], pos[r] = o_rgb, o_state, o_prev, o_first, self._rows[r]._pos
-        self.step_rows(rgb, state, prev, first, pos, sorted(blocks))
+            rgb[r], state[r], prev[r], first[r] = o_rgb, o_state, o_prev, o_first
+            positions[r] = self._rows[r]._pos if pos is None else pos
+        self.step_rows(rgb, state, prev, first, positions, sorted(blocks))
+
+    def _slide_rows(self, rows: list[int]) -> None:
+        """``Policy._slide`` for several rows at once: clear each row's cache, then re-encode the kept blocks of
+        every row together, one engine call per position (the other rows sit out)."""
+        keeps = {r: self._rows[r]._kept_blocks() for r in rows}
+        for r in rows:
+            self._reset_row(r, self._rows[r]._instruction)
+        for pos in range(max((len(k) for k in keeps.values()), default=0)):
+            self._step({r: keep[pos] for r, keep in keeps.items() if pos < len(keep)}, pos)
+        for r, keep in keeps.items():
+            self._rows[r]._restart_window(keep)
 
     # -- backend hooks -------------------------------------------------------------------------
     @abstractmethod

@@ -150,16 +150,6 @@ def check_batch(batch: object) -> int:
     return batch
 
 
-def check_batch_cache(cfg: PARConfig, source: object) -> None:
-    """Batched engines need a static cache: refuse a sliding one (``overflow "slide"``)."""
-    if cfg.overflow == "slide":
-        raise ConfigError(
-            f"{source}: batched engines run checkpoints with a static cache (overflow 'error'); this one slides its "
-            "cache, which would stall the other rows while one re-encodes: export it with batch 1 and load it with "
-            "runtime.load (one episode per policy)"
-        )
-
-
 def graph_specs(cfg: PARConfig, steps: int, sampler_graph: str, batch: int = 1) -> dict[str, GraphSpec]:
     """The signatures of every graph a bundle holds, derived from the config and the batch alone."""
     if sampler_graph not in SAMPLER_GRAPHS:

@@ -139,8 +139,7 @@ class Policy(ABC):
         """
         block, noise = self._prepare(observation, noise, executed)
         self.step_block(*block, self._pos)
-        if self.spec.overflow == "slide":
-            self._window.append((block[0].copy(), block[1].copy(), *block[2:]))
+        self._remember(block)
         return self._finish(self.sample(noise))
 
     def _prepare(
@@ -205,14 +204,27 @@ class Policy(ABC):
         executed = check_array(executed, "executed", (s.chunk_len, s.action_dim), np.float32)
         return self.normalizer.normalize_action(executed)
 
+    def _remember(self, block: tuple) -> None:
+        """Keep the inputs of a block just appended to a sliding cache (a slide re-encodes them)."""
+        if self.spec.overflow == "slide":
+            self._window.append((block[0].copy(), block[1].copy(), *block[2:]))
+
     def _slide(self) -> None:
         """Keep the newest ``max_blocks // 2`` blocks, re-encoded at positions 0, 1, ... of a cleared cache."""
-        keep = list(self._window)[len(self._window) - self.spec.max_blocks // 2 :]
-        self._window.clear()
+        keep = self._kept_blocks()
         self._reset(self._instruction)
         for pos, block in enumerate(keep):
             self.step_block(*block, pos)
-            self._window.append(block)
+        self._restart_window(keep)
+
+    def _kept_blocks(self) -> list[tuple]:
+        """The blocks a slide keeps: the newest ``max_blocks // 2`` of the window."""
+        return list(self._window)[len(self._window) - self.spec.max_blocks // 2 :]
+
+    def _restart_window(self, keep: list[tuple]) -> None:
+        """After a slide: the window holds ``keep`` (re-encoded at positions 0 ..), the next block follows them."""
+        self._window.clear()
+        self._window.extend(keep)
         self._pos = len(keep)
 
     # -- backend hooks -------------------------------------------------------------------------
