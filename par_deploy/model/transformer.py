@@ -41,9 +41,11 @@ class Attention(nn.Module):
         tokens' own ``[T, T]`` visibility and the cache slots' visibility is the additive ``bias``."""
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None:  # queries and keys rotated together: one RoPE per layer in the exported step
+            qk = apply_rope(qkv[:2], *rope)  # [2, B, H, T, hd]
+            q, k, v = qk[0], qk[1], qkv[2]
+        else:
+            q, k, v = qkv[0], qkv[1], qkv[2]
         if past is not None:
             out = cache_attention(q, k, v, *past, mask)  # [B, H, T, hd]
         else:
