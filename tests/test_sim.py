@@ -53,6 +53,28 @@ def test_push_cube_env_shapes():
 
 
 @sim
+def test_robot_option_keeps_the_tasks_initial_states():
+    """``TaskSpec.robot`` / ``make_maniskill_env(robot=...)``: ManiSkill's panda_wristcam (the panda with a hand
+    camera) in PickCube-v1 renders a hand camera, and ``reset(seed)`` places the cube and the goal exactly as with
+    the task's default robot, so the evaluation protocol's initial states stay the same."""
+    from par_deploy.sim.env import make_maniskill_env
+
+    states = {}
+    for robot in (None, "panda_wristcam"):
+        env = make_maniskill_env(
+            "PickCube-v1", obs_mode="rgb", control_mode="pd_ee_delta_pos", max_episode_steps=100, robot=robot
+        )
+        try:
+            obs, _ = env.reset(seed=500000)
+            states[robot] = env.unwrapped.get_state_dict()["actors"]
+            assert ("hand_camera" in obs["sensor_data"]) == (robot is not None)
+        finally:
+            env.close()
+    for name in ("cube", "goal_site"):
+        np.testing.assert_array_equal(states[None][name].numpy(), states["panda_wristcam"][name].numpy())
+
+
+@sim
 def test_generate_demos_writes_valid_episodes(push_demos):
     out, summary = push_demos
     assert (summary.kept, summary.existing, summary.missing) == (2, 0, [])

@@ -212,7 +212,11 @@ class _DemoWorker:
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one simulator per core; tiny tensors (docs/design-notes.md §4: +25%)
         self.planner_env = make_maniskill_env(
-            spec.env_id, obs_mode="none", control_mode="pd_joint_pos", max_episode_steps=_LONG_HORIZON
+            spec.env_id,
+            obs_mode="none",
+            control_mode="pd_joint_pos",
+            max_episode_steps=_LONG_HORIZON,
+            robot=spec.robot,
         )
         self.env = make_env(task, control_mode=control_mode, image_size=image_size, max_episode_steps=_LONG_HORIZON)
         self.recorder = _ActionRecorder(self.planner_env)

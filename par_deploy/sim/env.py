@@ -52,6 +52,7 @@ class TaskSpec:
     instruction: str
     state_keys: tuple[tuple[str, int], ...]
     cameras: tuple[str, ...] = ("base_camera",)
+    robot: str | None = None  # ManiSkill's robot_uids; None: the task's default robot
     camera_size: int = 128  # ManiSkill's default sensor resolution for the task's cameras
 
     @property
@@ -140,8 +141,10 @@ def make_maniskill_env(
     max_episode_steps: int,
     render_backend: str = "cpu",
     sensor_configs: dict[str, Any] | None = None,
+    robot: str | None = None,
 ):
-    """Create one ManiSkill environment on ``physx_cpu`` (``num_envs=1``) after ``check_simulator``."""
+    """Create one ManiSkill environment on ``physx_cpu`` (``num_envs=1``) after ``check_simulator``; ``robot``:
+    ManiSkill's ``robot_uids`` (None: the task's default robot)."""
     check_simulator(render_backend)
     import gymnasium as gym
 
@@ -154,6 +157,7 @@ def make_maniskill_env(
         num_envs=1,
         max_episode_steps=max_episode_steps,
         sensor_configs=sensor_configs or {},
+        **({"robot_uids": robot} if robot else {}),
     )
 
 
@@ -245,6 +249,7 @@ class ParEnv:
             max_episode_steps=self.max_episode_steps,
             render_backend=render_backend,
             sensor_configs={"width": sensor_size, "height": sensor_size},
+            robot=spec.robot,
         )
         space = self._env.unwrapped.single_action_space
         self.action_low = np.asarray(space.low, dtype=np.float32)
