@@ -640,13 +640,15 @@ def test_engine_compare_with_reference(ckpt, tmp_path):
         reference_for(engine, other)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_batched_engine_eval_equals_batch_1_episodes(ckpt, tmp_path, workers):
+@pytest.mark.parametrize("workers,cache", [(0, "static"), (1, "static"), (0, "slide")])
+def test_batched_engine_eval_equals_batch_1_episodes(ckpt, tmp_path, workers, cache):
     """A bundle exported with --batch 3 steps 5 episodes as groups of 3 and 2 (a row sits out the second group):
     each episode's record equals the batch-1 engine's (same seeds, same noise); a static cache that ends before
-    the limit ends every row of the group with the batch-1 error."""
+    the limit ends every row of the group with the batch-1 error, a sliding one slides and goes on."""
     from par_deploy.export import export_bundle
 
+    if cache == "slide":  # 3 blocks of 4 env steps: 10 control steps slide 4 times
+        ckpt = _checkpoint(tmp_path / "slide", max_blocks=3, overflow="slide")
     single = export_bundle(ckpt, tmp_path / "b1", backends=("onnx",), denoise_steps=4, progress=False).bundle_dir
     batched = export_bundle(ckpt, tmp_path / "b3", backends=("onnx",), denoise_steps=4, progress=False, batch=3)
     engine = EngineSource(str(batched.bundle_dir))
@@ -666,8 +668,11 @@ def test_batched_engine_eval_equals_batch_1_episodes(ckpt, tmp_path, workers):
         )
         assert x.first_obs_sha1 == y.first_obs_sha1
         np.testing.assert_allclose(x.first_chunk, y.first_chunk, atol=1e-4)
-        assert x.error is not None and y.error is not None and x.error.split(":")[0] == y.error.split(":")[0]
-    assert {r.length for r in b} == {32} and all("CacheFullError" in r.error for r in b)
+        assert (x.error is None) == (y.error is None) and (x.error or "").split(":")[0] == (y.error or "").split(":")[0]
+    if cache == "static":
+        assert {r.length for r in b} == {32} and all("CacheFullError" in r.error for r in b)
+    else:
+        assert {r.length for r in b} == {40} and all(r.error is None for r in b)
     assert len({r.pid for r in b}) == 1
     with pytest.raises(EvalError, match="--video needs a batch-1 engine"):
         evaluate("PushCube", engine, workers=0, video_dir=tmp_path / "v", **kw)
