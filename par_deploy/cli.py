@@ -158,6 +158,9 @@ def train(
     precision: Annotated[
         str, typer.Option(help="Forward-pass autocast: auto (bf16 where the CPU has native bf16), bf16 or fp32.")
     ] = "auto",
+    shift_augment: Annotated[
+        int, typer.Option(help="Shift each sampled window's frames by a random offset of up to N pixels (0: off).")
+    ] = 0,
     model: Annotated[list[str], typer.Option(help="Model config override KEY=VALUE (JSON value), repeatable.")] = [],  # noqa: B006
     old_steps: Annotated[int | None, _deprecated_option("--steps")] = None,
 ) -> None:
@@ -177,6 +180,7 @@ def train(
         limit_episodes=limit_episodes,
         precision=precision,
         window=window,
+        shift_augment=shift_augment,
         model_overrides=overrides,
     )
     final = run_train(data, out, preset, tc, stop_at=stop_at)

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import torch
 from par_deploy.checkpoint import from_pretrained
 from par_deploy.config import preset
 from par_deploy.synthetic import write_synthetic_demos
-from par_deploy.train.dataset import BatchSampler, EpisodeDataset, episode_blocks
+from par_deploy.train.dataset import BatchSampler, EpisodeDataset, episode_blocks, random_shift
 from par_deploy.train.trainer import TrainConfig, train
 
 
@@ -46,6 +47,31 @@ def test_sampler_is_deterministic_and_resumable(demos):
     assert torch.equal(b.next_batch()["rgb"], first[2]["rgb"])
 
 
+def test_random_shift_moves_every_frame_of_a_window_by_one_offset():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 2, 16, 16, 3), dtype=np.uint8)  # [n, V, H, W, 3]
+    assert np.array_equal(random_shift(rgb, 0, np.random.default_rng(1)), rgb)
+    offsets = set()
+    for seed in range(40):
+        out = random_shift(rgb, 2, np.random.default_rng(seed))
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        dy, dx = np.random.default_rng(seed).integers(0, 5, size=2)  # the draw random_shift makes
+        # interior pixels come from (y + dy - 2, x + dx - 2) of every frame and camera alike
+        assert np.array_equal(out[:, :, 2:14, 2:14], rgb[:, :, dy : dy + 12, dx : dx + 12])
+        offsets.add((int(dy), int(dx)))
+    assert len(offsets) > 10
+
+
+def test_shifted_batches_are_deterministic_and_differ_from_unshifted(demos):
+    ds = EpisodeDataset(demos)
+    cfg = preset("tiny", **{k: v for k, v in ds.model_fields().items() if k != "extra"})
+    a, b = (BatchSampler(ds, cfg, 2, 8, seed=3, shift=2) for _ in range(2))
+    plain = BatchSampler(ds, cfg, 2, 8, seed=3)
+    x, y, z = a.next_batch(), b.next_batch(), plain.next_batch()
+    assert torch.equal(x["rgb"], y["rgb"]) and torch.equal(x["actions"], z["actions"])
+    assert not torch.equal(x["rgb"], z["rgb"])
+
+
 def test_train_writes_a_loadable_checkpoint_and_metrics(demos, tmp_path):
     final = train(demos, tmp_path / "run", "tiny", small(), progress=False)
     model, norm = from_pretrained(final)
@@ -58,6 +84,8 @@ def test_train_writes_a_loadable_checkpoint_and_metrics(demos, tmp_path):
 def test_resume_is_exact(demos, tmp_path):
     straight = train(demos, tmp_path / "a", "tiny", small(), progress=False)
     assert train(demos, tmp_path / "b", "tiny", small(), progress=False, stop_at=4) is None
+    saved = tmp_path / "b" / "train_config.json"  # a run started before shift_augment existed resumes too
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "shift_augment"}))
     resumed = train(demos, tmp_path / "b", "tiny", small(), progress=False)
     m1, _ = from_pretrained(straight)
     m2, _ = from_pretrained(resumed)

@@ -86,6 +86,15 @@ def episode_blocks(ep: Episode, cfg: PARConfig, phase: int, start: int, history:
     }
 
 
+def random_shift(rgb: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """Shift every frame of a window by one random offset of up to ``pad`` pixels in each direction (edge pixels
+    repeated), DrQ's augmentation. rgb uint8 ``[n, V, H, W, 3]``; the same offset for all frames and cameras."""
+    H, W = rgb.shape[2:4]
+    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+    padded = np.pad(rgb, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    return padded[:, :, dy : dy + H, dx : dx + W]
+
+
 def collate(items: list[dict[str, np.ndarray]], instruction: str) -> dict:
     """Pad to the longest item (in blocks); ``block_valid`` marks real blocks."""
     n = max(len(it["rgb"]) for it in items)
@@ -118,9 +127,11 @@ class BatchSampler:
         phase_augment: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        shift: int = 0,
     ):
         self.ds, self.cfg, self.batch_size, self.history = dataset, cfg, batch_size, history
         self.seed, self.phase_augment, self.rank, self.world = seed, phase_augment, rank, world_size
+        self.shift = shift  # pixels of random shift per window (0: none)
         self.position = 0  # global batches drawn so far
 
     def state_dict(self) -> dict:
@@ -138,7 +149,10 @@ class BatchSampler:
         phase = int(rng.integers(self.cfg.chunk_len)) if self.phase_augment else 0
         N = max(1, -(-(len(ep.actions) - phase) // self.cfg.chunk_len))
         start = int(rng.integers(0, max(1, N - self.history + 1)))
-        return episode_blocks(ep, self.cfg, phase, start, self.history)
+        item = episode_blocks(ep, self.cfg, phase, start, self.history)
+        if self.shift:
+            item["rgb"] = random_shift(item["rgb"], self.shift, rng)
+        return item
 
     def next_batch(self) -> dict:
         first = self.position * self.batch_size

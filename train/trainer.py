@@ -49,6 +49,7 @@ class TrainConfig:
     # runs for any number of control steps and only ever sees positions it was trained on.
     window: int = 0
     phase_augment: bool = True
+    shift_augment: int = 0  # pixels: each window's frames shifted by one random offset up to this (0: none)
     save_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -64,6 +65,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "log_every", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.shift_augment < 0:
+            raise ConfigError(f"TrainConfig.shift_augment must be >= 0 pixels, got {self.shift_augment}")
         if self.window < 0 or self.window == 1:
             raise ConfigError(f"TrainConfig.window must be 0 (whole episodes) or >= 2 blocks, got {self.window}")
         if self.precision not in PRECISIONS:
@@ -139,7 +142,7 @@ def train(
     model = PARModel(cfg)
     ema = EMA(model, tc.ema_decay)
     opt = _optimizer(model, tc)
-    sampler = BatchSampler(data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world)
+    sampler = BatchSampler(data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world, tc.shift_augment)
     step = _resume_or_start(run, tc, cfg, model, ema, opt, sampler, rank, world)
 
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -222,7 +225,9 @@ def _resume_or_start(run: Path, tc: TrainConfig, cfg, model, ema, opt, sampler, 
             (run / "train_config.json").write_text(json.dumps(_tc_json(tc), indent=2) + "\n")
             cfg.save(run / "model_config.json")
         return 0
+    defaults = _tc_json(TrainConfig())  # options added since the run started take their defaults
     tc_saved = json.loads((run / "train_config.json").read_text())
+    tc_saved = {**{k: v for k, v in defaults.items() if k not in tc_saved}, **tc_saved}
     if tc_saved != _tc_json(tc):
         raise ConfigError(
             f"{run}: resuming with a different TrainConfig than the run was started with; "
