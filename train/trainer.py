@@ -142,7 +142,9 @@ def train(
     model = PARModel(cfg)
     ema = EMA(model, tc.ema_decay)
     opt = _optimizer(model, tc)
-    sampler = BatchSampler(data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world, tc.shift_augment)
+    sampler = BatchSampler(
+        data, cfg, tc.batch_size, history, tc.seed, tc.phase_augment, rank, world, shift=tc.shift_augment
+    )
     step = _resume_or_start(run, tc, cfg, model, ema, opt, sampler, rank, world)
 
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -225,9 +227,8 @@ def _resume_or_start(run: Path, tc: TrainConfig, cfg, model, ema, opt, sampler, 
             (run / "train_config.json").write_text(json.dumps(_tc_json(tc), indent=2) + "\n")
             cfg.save(run / "model_config.json")
         return 0
-    defaults = _tc_json(TrainConfig())  # options added since the run started take their defaults
-    tc_saved = json.loads((run / "train_config.json").read_text())
-    tc_saved = {**{k: v for k, v in defaults.items() if k not in tc_saved}, **tc_saved}
+    # options added since the run started take their defaults
+    tc_saved = {**_tc_json(TrainConfig()), **json.loads((run / "train_config.json").read_text())}
     if tc_saved != _tc_json(tc):
         raise ConfigError(
             f"{run}: resuming with a different TrainConfig than the run was started with; "
