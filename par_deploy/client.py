@@ -6,7 +6,7 @@ against an engine runs against a server unchanged::
     from par_deploy.client import RemotePolicy
     with RemotePolicy("ws://gpu-box:8000") as policy:
         policy.reset("push the cube to the goal region", seed=0)
-        chunk = policy.act({"rgb": rgb_uint8, "state": state})   # [chunk_len, action_dim], controller units
+        chunk = policy.act({"rgb": rgb_uint8, "state": state})   # [spec.stride, action_dim], controller units
 
 One ``RemotePolicy`` is one connection, one episode and one KV-cache on the server. Server-side failures raise
 the same par-deploy errors as the engine (``InputError``, ``CacheFullError``, ``ActionError``); an unknown
@@ -70,14 +70,14 @@ class RemotePolicy:
     def act(
         self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None, executed: np.ndarray | None = None
     ) -> np.ndarray:
-        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
+        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> actions float32 ``[spec.stride, A]``.
 
-        ``noise`` and ``executed`` (float32 ``[L, A]`` in controller units: the chunk actually executed since the
-        previous call, when it differs from the one returned) as for ``par_deploy.runtime.Policy.act``; the
+        ``noise`` and ``executed`` (float32 ``[spec.stride, A]`` in controller units: the actions executed since
+        the previous call, when they differ from the ones returned) as for ``par_deploy.runtime.Policy.act``; the
         server validates them as the in-process policy does (``InputError``, nothing of the episode consumed).
         """
         reply = self._call(protocol.act_request(observation, noise, executed))
-        L, A = self.spec.chunk_len, self.spec.action_dim
+        L, A = self.spec.stride, self.spec.action_dim
         actions = protocol.decode_array(reply.get("actions"), "actions", 8 * L * A)
         if actions.shape != (L, A) or actions.dtype != np.float32 or not np.isfinite(actions).all():
             raise ProtocolError(

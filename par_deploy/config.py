@@ -26,7 +26,7 @@ CONFIG_TYPE = "par"
 # Format 1 (before 2026-11-25) let a missing field take the dataclass default; those files load through
 # FORMAT_1_IMPLIED (par_deploy/config_formats.py), the values format 1 implied, frozen so later default changes
 # cannot alter them.
-CONFIG_FORMAT_VERSION = 2
+CONFIG_FORMAT_VERSION = 3
 
 VARIANTS = ("full", "noar", "discrete")
 CODECS = ("patch", "vae")
@@ -109,6 +109,9 @@ class PARConfig:
     action_dim: int = 4  # pd_ee_delta_pos: xyz delta + gripper
     state_dim: int = 0  # embodiment/task state per step (0: no state token)
     chunk_len: int = 8  # L: actions per chunk = action tokens per block
+    # actions of each chunk executed before the next control step re-plans (0: all L). With exec_len < L a block's
+    # action part holds the exec_len executed actions (the rest zeroed) and blocks are exec_len env steps apart.
+    exec_len: int = 0
     max_blocks: int = 32  # static cache length in control steps (blocks), the longest episode or the window
     # What happens when an episode outgrows the cache: "error" (CacheFullError; the model saw whole episodes from
     # their first block), or "slide": keep the newest max_blocks // 2 blocks and re-encode them at positions from 0,
@@ -209,6 +212,8 @@ class PARConfig:
                 raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
         if self.state_dim < 0:
             raise ConfigError(f"config.state_dim must be >= 0, got {self.state_dim}")
+        if not isinstance(self.exec_len, int) or not 0 <= self.exec_len <= self.chunk_len:
+            raise ConfigError(f"config.exec_len must be 0 (all) .. chunk_len={self.chunk_len}, got {self.exec_len!r}")
         if not self.instructions or not all(isinstance(s, str) and s for s in self.instructions):
             raise ConfigError("config.instructions must be a non-empty list of non-empty strings")
         for name, allowed in (
@@ -329,6 +334,11 @@ class PARConfig:
     @property
     def block_len(self) -> int:
         return self.obs_tokens + self.chunk_len
+
+    @property
+    def stride(self) -> int:
+        """Env steps between blocks: the actions executed per control step (``exec_len``, or the whole chunk)."""
+        return self.exec_len or self.chunk_len
 
     @property
     def max_seq_len(self) -> int:

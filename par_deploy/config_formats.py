@@ -1,7 +1,8 @@
 """What older ``config.json`` formats implied for the fields they did not list (read by ``PARConfig.from_dict``).
 
 Format 1 (before 2026-11-25) let a missing field take the dataclass default. These are the values format-1
-files were written against, frozen here so that a later change of a default cannot change an old checkpoint.
+files were written against, frozen here so that a later change of a default cannot change an old checkpoint;
+format 2 listed every field but ``exec_len``.
 A data table: it changes only if a format-1 checkpoint turns out to have meant something else.
 """
 
@@ -63,4 +64,8 @@ FORMAT_1_IMPLIED: dict[str, Any] = {
     "spatial_cond": "add",
     "frame_mlp": "mar",
 }
-IMPLIED_BY_FORMAT: dict[int, dict[str, Any]] = {1: FORMAT_1_IMPLIED}  # older format -> values it implied
+# Format 2 (2026-11-25 .. 2026-12-08) listed every field but ``exec_len`` (added with format 3).
+FORMAT_2_IMPLIED: dict[str, Any] = {"exec_len": 0}
+FORMAT_1_IMPLIED.update(FORMAT_2_IMPLIED)
+# older format -> values it implied
+IMPLIED_BY_FORMAT: dict[int, dict[str, Any]] = {1: FORMAT_1_IMPLIED, 2: FORMAT_2_IMPLIED}

@@ -56,7 +56,7 @@ class RandomObservationEnv:
         self.spec, self.normalizer = spec, normalizer
         self.num_cameras, self.image_size, self.state_dim = spec.num_cameras, spec.image_size, spec.state_dim
         self.action_dim = spec.action_dim
-        self.max_episode_steps = spec.max_blocks * spec.chunk_len  # the whole cache
+        self.max_episode_steps = spec.max_blocks * spec.stride  # the whole cache
         self._rng = np.random.default_rng(0)
 
     def _obs(self) -> dict[str, np.ndarray]:

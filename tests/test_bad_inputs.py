@@ -352,7 +352,7 @@ def test_wrong_dtype_tensor_is_refused(ckpt_copy):
 def test_a_field_missing_from_a_current_config_is_an_error(ckpt_copy):
     cfg_path = ckpt_copy / "config.json"
     d = json.loads(cfg_path.read_text())
-    assert d["format_version"] == 2 and set(d) - {"type", "format_version"} == set(FORMAT_1_IMPLIED)
+    assert d["format_version"] == 3 and set(d) - {"type", "format_version"} == set(FORMAT_1_IMPLIED)
     del d["max_blocks"]
     cfg_path.write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match=r"config\.json: sha256"):  # the edit itself is caught first
@@ -375,7 +375,7 @@ def test_format_1_migrates_with_the_table_of_implied_values():
     d = {k: v for k, v in PARConfig().to_dict().items() if k != "max_blocks"}
     d["format_version"] = 1
     assert PARConfig.from_dict(d).max_blocks == FORMAT_1_IMPLIED["max_blocks"] == 32
-    d["format_version"] = 2
+    d["format_version"] = 3
     with pytest.raises(ConfigError, match="max_blocks"):
         PARConfig.from_dict(d)
 

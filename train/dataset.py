@@ -1,11 +1,13 @@
 """Demonstration episodes -> teacher-forced physical-token sequences (the batch ``PARModel.losses`` reads).
 
-An episode of T env steps has observations ``rgb/state [T+1]`` and actions ``[T]``. With chunk length L and a
-phase offset ``p`` (0 <= p < L, data augmentation: the policy may start its chunk grid at any step), block n
-holds the observation at step ``p + n*L`` and the chunk ``A_n`` = actions ``p + (n-1)*L .. p + n*L - 1``
-(n >= 1; block 0's action part is BOA). The last chunk is padded with the final action and masked out of the
-loss; its target frame is the final observation. A history window of at most ``history`` blocks is cut at a
-random start (its first block gets BOA only if it is the episode's first block).
+An episode of T env steps has observations ``rgb/state [T+1]`` and actions ``[T]``. With chunk length L, S env
+steps between blocks (``config.stride``: L, or ``exec_len`` when a control step executes only part of its chunk)
+and a phase offset ``p`` (0 <= p < S, data augmentation: the policy may start its grid at any step), block n
+holds the observation at step ``p + n*S`` and the chunk ``A_n`` = actions ``p + (n-1)*S .. p + (n-1)*S + L - 1``
+(n >= 1; block 0's action part is BOA): the target of block n-1, of which the model embeds only the S executed
+before block n's observation. Actions past the episode's end are padded with the final action and masked out
+of the loss; the last block's target frame is the final observation. A history window of at most ``history``
+blocks is cut at a random start (its first block gets BOA only if it is the episode's first block).
 """
 
 from __future__ import annotations
@@ -66,15 +68,19 @@ class EpisodeDataset:
         }
 
 
+def num_blocks(steps: int, cfg: PARConfig, phase: int) -> int:
+    """Control steps (chunks) that cover an episode of ``steps`` actions after the phase offset."""
+    return max(1, -(-(steps - phase) // cfg.stride))
+
+
 def episode_blocks(ep: Episode, cfg: PARConfig, phase: int, start: int, history: int) -> dict[str, np.ndarray]:
     """Blocks ``start .. start + history`` (inclusive: the last one is only a target) of one episode."""
-    L, T = cfg.chunk_len, len(ep.actions)
-    steps = T - phase
-    N = max(1, -(-steps // L))  # chunks after the phase offset
+    L, S, T = cfg.chunk_len, cfg.stride, len(ep.actions)
+    N = num_blocks(T, cfg, phase)
     start = min(start, N - 1)
     n_idx = np.arange(start, min(N, start + history) + 1)  # blocks used (inputs + final target)
-    obs_t = np.minimum(phase + n_idx * L, T)  # env step of each block's observation
-    act_t = phase + (n_idx[:, None] - 1) * L + np.arange(L)[None, :]  # [n, L]: chunk A_n's env steps
+    obs_t = np.minimum(phase + n_idx * S, T)  # env step of each block's observation
+    act_t = phase + (n_idx[:, None] - 1) * S + np.arange(L)[None, :]  # [n, L]: chunk A_n's env steps
     valid = (act_t >= phase) & (act_t < T)
     actions = ep.actions[np.clip(act_t, 0, T - 1)]  # [n, L, A]; padded entries masked
     return {
@@ -146,8 +152,8 @@ class BatchSampler:
         perm = np.random.default_rng(self.seed + epoch).permutation(n)
         ep = self.ds.episodes[perm[i]]
         rng = np.random.default_rng((self.seed, global_index))  # per-item randomness: phase and window start
-        phase = int(rng.integers(self.cfg.chunk_len)) if self.phase_augment else 0
-        N = max(1, -(-(len(ep.actions) - phase) // self.cfg.chunk_len))
+        phase = int(rng.integers(self.cfg.stride)) if self.phase_augment else 0
+        N = num_blocks(len(ep.actions), self.cfg, phase)
         start = int(rng.integers(0, max(1, N - self.history + 1)))
         item = episode_blocks(ep, self.cfg, phase, start, self.history)
         if self.shift:

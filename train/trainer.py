@@ -200,8 +200,8 @@ def _model_config(data: EpisodeDataset, preset_name: str, tc: TrainConfig) -> PA
     """The preset with the fields the data decides, a cache for the longest episode (or the window), and the
     user's overrides."""
     fields = data.model_fields()
-    chunk = tc.model_overrides.get("chunk_len", preset(preset_name).chunk_len)
-    fields["max_blocks"] = -(-max(data.max_steps, data.meta["max_episode_steps"]) // chunk) + 1
+    stride = preset(preset_name, **{**fields, **tc.model_overrides}).stride
+    fields["max_blocks"] = -(-max(data.max_steps, data.meta["max_episode_steps"]) // stride) + 1
     if tc.window:
         fields.update(max_blocks=tc.window, overflow="slide")
     return preset(preset_name, **{**fields, **tc.model_overrides})

@@ -83,10 +83,10 @@ def _check_task(task: str, source: PolicySource, max_steps: int | None, control_
         )
     max_steps = int(max_steps or spec.max_episode_steps)
     p = info.spec
-    if p.overflow != "slide" and p.max_blocks < -(-max_steps // p.chunk_len):
+    if p.overflow != "slide" and p.max_blocks < -(-max_steps // p.stride):
         console.print(
             f"[yellow]warning:[/] the policy's KV-cache holds {p.max_blocks} control steps = "
-            f"{p.max_blocks * p.chunk_len} env steps < the limit {max_steps}: "
+            f"{p.max_blocks * p.stride} env steps < the limit {max_steps}: "
             "episodes will end with CacheFullError (recorded as failures)"
         )
     return _Task(

@@ -50,6 +50,8 @@ class PARModel(nn.Module):
         self.state_tok = StateTokenizer(cfg) if cfg.state_dim else None
         self.action_tok = ActionTokenizer(cfg)
         self.boa = nn.Parameter(torch.randn(cfg.chunk_len, cfg.dim) * 0.02)
+        executed = (torch.arange(cfg.chunk_len) < cfg.stride).float()[:, None]  # [L, 1]: 1 for executed actions
+        self.register_buffer("executed", executed, persistent=False)
         self.transformer = (
             None
             if cfg.variant == "noar"
@@ -69,13 +71,14 @@ class PARModel(nn.Module):
         self, rgb: torch.Tensor, state: torch.Tensor | None, actions: torch.Tensor, boa: torch.Tensor
     ) -> torch.Tensor:
         """rgb uint8 ``[..., V, H, W, 3]``, state ``[..., S]``, actions ``[..., L, A]``, boa bool ``[...]``
-        -> block tokens ``[..., Bl, D]`` (frame tokens; state token; action tokens or BOA)."""
+        -> block tokens ``[..., Bl, D]`` (frame tokens; state token; action tokens or BOA). Actions past
+        ``config.stride`` (predicted but not executed before this block's observation) are zeroed."""
         lead = rgb.shape[:-4]
         frames = self.codec.encode(rgb.reshape(-1, *rgb.shape[-4:]))  # [*, K_o, C]
         parts = [self.frame_embed(frames).reshape(*lead, self.cfg.frame_tokens, self.cfg.dim)]
         if self.state_tok is not None:
             parts.append(self.state_tok(state))  # [..., 1, D]
-        act = torch.where(boa[..., None, None], self.boa, self.action_tok(actions))  # [..., L, D]
+        act = torch.where(boa[..., None, None], self.boa, self.action_tok(actions * self.executed))  # [..., L, D]
         return torch.cat(parts + [act], dim=-2)
 
     def split_block(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Rotary position embedding over time with distinct frequency settings for frame and action tokens.
 
-Per block token we keep three constants: ``mult`` (1 for observation tokens, L for action tokens),
+Per block token we keep three constants: ``mult`` (1 for observation tokens, the env steps between blocks
+``config.stride`` for action tokens: the action rate),
 ``offset`` (0, or the action index j) and the inverse-frequency row of its kind. The rotation angle of a
 token of block ``n`` is ``(n * mult + offset) * inv_freq``; it is computed from the block index *tensor*, so
 one exported step graph serves every position.
@@ -26,7 +27,7 @@ class BlockRope(nn.Module):
         meta = block_meta(cfg)
         is_act = meta.kind == ACT
         freq = torch.where(is_act[:, None], inv_freq(cfg.rope_theta_action, hd), inv_freq(cfg.rope_theta_frame, hd))
-        self.register_buffer("mult", torch.where(is_act, cfg.chunk_len, 1).float(), persistent=False)  # [Bl]
+        self.register_buffer("mult", torch.where(is_act, cfg.stride, 1).float(), persistent=False)  # [Bl]
         self.register_buffer("offset", meta.index.float() * is_act, persistent=False)  # [Bl]
         self.register_buffer("freq", freq, persistent=False)  # [Bl, hd/2]
         self.half = hd // 2

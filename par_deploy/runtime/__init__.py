@@ -6,7 +6,7 @@ imports torch and the TensorRT backend tensorrt + cuda-python, each only when se
     from par_deploy import runtime
     policy = runtime.load("bundles/pushcube", backend="onnx")
     policy.reset("push the cube to the goal region")
-    chunk = policy.act({"rgb": rgb_uint8, "state": state})  # [chunk_len, action_dim], controller units
+    chunk = policy.act({"rgb": rgb_uint8, "state": state})  # [spec.stride, action_dim], controller units
 
 A bundle exported with ``--batch N`` runs N episodes per engine call: ``runtime.load_batch(bundle)`` returns a
 ``BatchPolicy`` (``act_batch``, ``reset(row=...)``; see ``par_deploy.runtime.batch_policy``).

@@ -107,17 +107,18 @@ class BatchPolicy(ABC):
             return np.stack([r.last_chunk for r in self._rows])
 
     def act_batch(self, observations, noise: np.ndarray | None = None, executed=None):
-        """One control step of every active row -> chunks in controller units.
+        """One control step of every active row -> actions in controller units (``spec.stride`` per row).
 
         ``observations``: a dict of stacked arrays (``rgb`` uint8 ``[N, V, H, W, 3]``, ``state`` float32
-        ``[N, S]``; every row acts; returns ``[N, L, A]``) or a list of N observation dicts as ``Policy.act``
+        ``[N, S]``; every row acts; returns ``[N, stride, A]``) or a list of N observation dicts as ``Policy.act``
         takes them, ``None`` for a row that sits out (returns a list, ``None`` at those rows). ``noise``:
-        float32 ``[N, K+1, L, A]``; ``executed``: ``[N, L, A]`` or a list of N (``None``: the returned chunk).
+        float32 ``[N, K+1, L, A]``; ``executed``: ``[N, stride, A]`` or a list of N (``None``: the returned
+        actions).
         Every active row's inputs are validated before anything runs; an error names the row.
         """
         obs, stacked = self._split_observations(observations)
         noise = self._per_row(noise, "noise", self.noise_shape())
-        executed = self._per_row(executed, "executed", (self.batch, self.spec.chunk_len, self.spec.action_dim))
+        executed = self._per_row(executed, "executed", (self.batch, self.spec.stride, self.spec.action_dim))
         with self._lock:
             _, k1, L, A = self.noise_shape()
             blocks, noises = {}, np.zeros((k1, self.batch, L, A), np.float32)  # idle rows: zeros, dropped

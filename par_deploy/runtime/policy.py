@@ -2,9 +2,11 @@
 
 Control loop (docs/design-notes.md §1): at control step n the policy appends block ``[O_{n-1}; A_{n-1}]`` (the
 observation it is given and the chunk executed since the last call, BOA at the first step) to its KV-cache, samples the
-next chunk ``A_n`` and returns it denormalised, in the controller's units. The controller executes the whole
-chunk (``chunk_len`` actions) before calling ``act`` again; if it executed something else (a safety override,
-a replayed demonstration), it passes that chunk as ``act(..., executed=chunk)``.
+next chunk ``A_n`` and returns the ``spec.stride`` actions to execute, denormalised, in the controller's units:
+the whole chunk (``chunk_len`` actions), or its first ``exec_len`` when the model was trained to re-plan before
+the chunk ends (receding horizon). The controller executes them before calling ``act`` again; if it executed
+something else (a safety override, a replayed demonstration), it passes those actions as
+``act(..., executed=actions)``.
 
 When the episode outgrows the static cache (``spec.max_blocks`` blocks) the spec's ``overflow`` decides:
 ``"error"`` raises ``CacheFullError``; ``"slide"`` keeps the newest ``max_blocks // 2`` blocks, clears the cache
@@ -65,6 +67,12 @@ class PolicySpec:
     max_blocks: int
     instructions: tuple[str, ...]
     overflow: str = "error"  # "error" or "slide" (see the module docstring)
+    exec_len: int = 0  # actions act() returns per call, the first of the chunk's chunk_len (0: all of them)
+
+    @property
+    def stride(self) -> int:
+        """Actions ``act`` returns, for the controller to execute before the next call (env steps per call)."""
+        return self.exec_len or self.chunk_len
 
     @classmethod
     def from_config(cls, cfg) -> PolicySpec:
@@ -78,6 +86,7 @@ class PolicySpec:
             cfg.max_blocks,
             tuple(cfg.instructions),
             cfg.overflow,
+            cfg.exec_len,
         )
 
 
@@ -119,8 +128,8 @@ class Policy(ABC):
 
     @property
     def last_chunk(self) -> np.ndarray:
-        """The normalised chunk ``[L, A]`` the last ``act`` returned, as the next ``act`` feeds it back unless
-        given ``executed`` (zeros after ``reset``); a copy."""
+        """The normalised chunk ``[L, A]`` the last ``act`` sampled (it returned its first ``spec.stride``), as
+        the next ``act`` feeds it back unless given ``executed`` (zeros after ``reset``); a copy."""
         return self._prev_chunk.copy()
 
     def noise_shape(self) -> tuple[int, ...]:
@@ -130,12 +139,13 @@ class Policy(ABC):
     def act(
         self, observation: dict[str, np.ndarray], noise: np.ndarray | None = None, executed: np.ndarray | None = None
     ) -> np.ndarray:
-        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> chunk float32 ``[L, A]``.
+        """observation ``{"rgb": uint8 [V, H, W, 3], "state": float32 [S]}`` -> actions float32 ``[spec.stride, A]``
+        (the sampled chunk ``[L, A]``, or its first ``exec_len`` actions).
 
         ``noise`` (float32 ``[K+1, L, A]``) makes the sample reproducible across backends.
-        ``executed`` (float32 ``[L, A]``, controller units): the chunk actually executed since the previous
-        call, when it differs from the one returned (safety override, demonstration replay); the policy
-        normalises it as training did and conditions on it. Refused at the first step of an episode.
+        ``executed`` (float32 ``[spec.stride, A]``, controller units): the actions actually executed since the
+        previous call, when they differ from the ones returned (safety override, demonstration replay); the
+        policy normalises them as training did and conditions on it. Refused at the first step of an episode.
         """
         block, noise = self._prepare(observation, noise, executed)
         self.step_block(*block, self._pos)
@@ -191,18 +201,21 @@ class Policy(ABC):
         self._prev_chunk[:] = self.normalizer.normalize_action(out)  # fed back as training feeds a demo chunk
         self._step += 1
         self._pos += 1
-        return out
+        return out[: self.spec.stride]
 
     def _executed_chunk(self, executed: np.ndarray) -> np.ndarray:
-        """Validate a chunk in controller units and normalise it (not clipped: it is what was executed)."""
+        """Validate executed actions ``[stride, A]`` in controller units -> the normalised chunk ``[L, A]`` to feed
+        back (not clipped: it is what was executed; the unexecuted tail is zeros, which the model ignores)."""
         if self._step == 0:
             raise InputError(
                 "executed: no chunk precedes the first act() of an episode (its block starts with BOA); "
                 "pass executed only from the second call on"
             )
         s = self.spec
-        executed = check_array(executed, "executed", (s.chunk_len, s.action_dim), np.float32)
-        return self.normalizer.normalize_action(executed)
+        executed = check_array(executed, "executed", (s.stride, s.action_dim), np.float32)
+        chunk = np.zeros((s.chunk_len, s.action_dim), np.float32)
+        chunk[: s.stride] = self.normalizer.normalize_action(executed)
+        return chunk
 
     def _remember(self, block: tuple) -> None:
         """Keep the inputs of a block just appended to a sliding cache (a slide re-encodes them)."""

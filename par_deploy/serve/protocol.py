@@ -230,7 +230,8 @@ def spec_from_dict(d: Any) -> PolicySpec:
         raise ProtocolError("hello: 'spec' must be a map")
     names = [f.name for f in dataclasses.fields(PolicySpec)]  # fields a newer server adds are ignored
     try:
-        ints = {k: int(d[k]) for k in names if k not in ("instructions", "overflow")}
+        ints = {k: int(d[k]) for k in names if k not in ("instructions", "overflow", "exec_len")}
+        ints["exec_len"] = int(d.get("exec_len", 0))  # absent from an older server: the whole chunk
         overflow = str(d.get("overflow", "error"))
         if overflow not in ("error", "slide"):
             raise ValueError(f"overflow {overflow!r}")
