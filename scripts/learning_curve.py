@@ -106,23 +106,22 @@ def plot(curves: list[Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for c in curves:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, c in enumerate(curves):
         doc = json.loads(c.read_text())
         pts = [p for p in doc["points"] if p.get("cpu_s") is not None]
         ax.plot(
             [p["cpu_s"] / 60 for p in pts],
             [100 * p["successes"] / p["episodes"] for p in pts],
-            "o-",
+            "o-" if i < 10 else "s--",  # the colour cycle has 10 colours
             label=doc.get("label", doc["run"]),
         )
     ax.set_xlabel("training CPU time, one thread [min]")
     ax.set_ylabel(f"success_once on {doc['states']} unseen states [%]")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8)  # below the axes: never over a curve
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
