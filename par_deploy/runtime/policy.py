@@ -145,7 +145,7 @@ class Policy(ABC):
         ``noise`` (float32 ``[K+1, L, A]``) makes the sample reproducible across backends.
         ``executed`` (float32 ``[spec.stride, A]``, controller units): the actions actually executed since the
         previous call, when they differ from the ones returned (safety override, demonstration replay); the
-        policy normalises them as training did and conditions on it. Refused at the first step of an episode.
+        policy normalises them as training did and conditions on them. Refused at the first step of an episode.
         """
         block, noise = self._prepare(observation, noise, executed)
         self.step_block(*block, self._pos)
