@@ -78,7 +78,9 @@ class PARModel(nn.Module):
         parts = [self.frame_embed(frames).reshape(*lead, self.cfg.frame_tokens, self.cfg.dim)]
         if self.state_tok is not None:
             parts.append(self.state_tok(state))  # [..., 1, D]
-        act = torch.where(boa[..., None, None], self.boa, self.action_tok(actions * self.executed))  # [..., L, D]
+        if self.cfg.stride < self.cfg.chunk_len:  # receding horizon: only the executed part is history
+            actions = actions * self.executed  # [..., L, A]
+        act = torch.where(boa[..., None, None], self.boa, self.action_tok(actions))  # [..., L, D]
         return torch.cat(parts + [act], dim=-2)
 
     def split_block(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
