@@ -101,6 +101,12 @@ class TaskInfo:
         return d
 
 
+def executed_per_step(chunk_len: int, exec_len: int) -> int:
+    """Actions of a chunk executed per control step: ``exec_len``, or (0) all ``chunk_len`` of them. The one rule
+    ``PARConfig.stride`` and the runtime's ``PolicySpec.stride`` share."""
+    return exec_len or chunk_len
+
+
 @dataclass
 class PARConfig:
     # --- embodiment and data -------------------------------------------------------------------
@@ -338,7 +344,7 @@ class PARConfig:
     @property
     def stride(self) -> int:
         """Env steps between blocks: the actions executed per control step (``exec_len``, or the whole chunk)."""
-        return self.exec_len or self.chunk_len
+        return executed_per_step(self.chunk_len, self.exec_len)
 
     @property
     def max_seq_len(self) -> int:

@@ -20,6 +20,7 @@ from par_deploy.reference import TorchPolicy
 from par_deploy.synthetic import randomized_checkpoint
 from par_deploy.train.dataset import Episode, episode_blocks
 from tests.test_eval import FakeEnv
+from tests.test_window import _obs
 
 torch.set_num_threads(1)
 L, S = 4, 2  # chunk length, actions executed per control step
@@ -31,13 +32,6 @@ def ckpt(tmp_path_factory):
     return randomized_checkpoint(
         "tiny", work / "ckpt", scale=0.05, chunk_len=L, exec_len=S, state_dim=16, action_dim=4, max_blocks=8
     )
-
-
-def _obs(spec, rng):
-    return {
-        "rgb": rng.integers(0, 256, (spec.num_cameras, spec.image_size, spec.image_size, 3), dtype=np.uint8),
-        "state": rng.standard_normal(spec.state_dim).astype(np.float32),
-    }
 
 
 def test_exec_len_is_validated_and_defaults_to_the_whole_chunk():

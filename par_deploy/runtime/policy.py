@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from par_deploy.config import executed_per_step
 from par_deploy.errors import ActionError, CacheFullError, InputError
 from par_deploy.normalize import Normalizer, check_array
 
@@ -72,7 +73,7 @@ class PolicySpec:
     @property
     def stride(self) -> int:
         """Actions ``act`` returns, for the controller to execute before the next call (env steps per call)."""
-        return self.exec_len or self.chunk_len
+        return executed_per_step(self.chunk_len, self.exec_len)
 
     @classmethod
     def from_config(cls, cfg) -> PolicySpec:
